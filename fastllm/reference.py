@@ -80,9 +80,7 @@ def _lookup_table(code: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(midpoints.cpu(), grid, side="left").to(torch.uint8)
 
 
-def quantize_blockwise_8bit(
-    flat: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE
-) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blockwise_8bit(flat: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """bitsandbytes' CPU 8-bit blockwise quantizer with the dynamic map.
 
     flat: 1-D fp32. Returns (codes uint8 [n], absmax fp32 [nblocks]). Each value is scaled
@@ -125,9 +123,7 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     return NF4Parts(packed, absmax_codes, nested_absmax, offset)
 
 
-def block_scales(
-    absmax: torch.Tensor, nested_absmax: torch.Tensor | None, offset: torch.Tensor | None
-) -> torch.Tensor:
+def block_scales(absmax: torch.Tensor, nested_absmax: torch.Tensor | None, offset: torch.Tensor | None) -> torch.Tensor:
     """The fp32 per-block scale: absmax itself, or dynamic[q] * nested_absmax[q_block] + offset."""
     if nested_absmax is None:
         return absmax.float()
@@ -162,3 +158,93 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if bias is not None:
         y = y + bias.double()
     return y
+
+
+def attention_visibility(
+    sq: int,
+    sk: int,
+    *,
+    causal: bool = False,
+    window: tuple[int | None, int | None] | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Which keys each query may see: bool (B or 1, 1, Sq, Sk), True = visible.
+
+    With diag = Sk - Sq (bottom-right alignment, as flash-attn): ``causal`` -> j <= i + diag;
+    ``window=(left, right)`` -> i + diag - left <= j <= i + diag + right (None or -1 = unbounded side);
+    ``key_padding_mask`` bool (B, Sk) -> mask[b, j].
+    """
+    rel = torch.arange(sk, device=device)[None, :] - torch.arange(sq, device=device)[:, None] - (sk - sq)
+    allowed = torch.ones(1, 1, sq, sk, dtype=torch.bool, device=device)
+    left, right = window if window is not None else (None, None)
+    if causal:
+        allowed = allowed & (rel <= 0)
+    if left is not None and left >= 0:
+        allowed = allowed & (rel >= -left)
+    if right is not None and right >= 0:
+        allowed = allowed & (rel <= right)
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, None, :]
+    return allowed
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention computed in ``dtype`` (fp64 by default): the ground truth for ``kernels.attention``.
+
+    q (B, H, Sq, D), k and v (B, Hkv, Sk, D) with H % Hkv == 0 (query head h reads key/value head
+    h // (H // Hkv)). Scores are scale * q k^T (scale defaults to D**-0.5), then softcap * tanh(s / softcap)
+    when ``softcap`` is set. Query i may see key j when all of these hold (diag = Sk - Sq, bottom-right
+    alignment as flash-attn): ``causal`` -> j <= i + diag; ``window=(left, right)`` -> i + diag - left <= j <=
+    i + diag + right (None or -1 leaves a side unbounded); ``key_padding_mask`` bool (B, Sk) -> mask[b, j].
+    A query row that sees no key gets output 0 and log-sum-exp -inf (and zero gradients).
+    Returns (out (B, H, Sq, D), lse (B, H, Sq)), both in ``dtype``; differentiable.
+    """
+    batch, heads, sq, dim = q.shape
+    group = heads // k.shape[1]
+    sk = k.shape[2]
+    qd, kd, vd = (t.to(dtype) for t in (q, k, v))
+    kd = kd.repeat_interleave(group, dim=1)
+    vd = vd.repeat_interleave(group, dim=1)
+    s = (qd @ kd.transpose(-1, -2)) * (dim**-0.5 if scale is None else scale)
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    allowed = attention_visibility(
+        sq, sk, causal=causal, window=window, key_padding_mask=key_padding_mask, device=q.device
+    ).expand(batch, 1, sq, sk)
+    sees_any = allowed.any(dim=-1, keepdim=True)
+    # Rows that see nothing get constant scores (finite softmax, zero gradient) and are zeroed below.
+    s = torch.where(sees_any, torch.where(allowed, s, float("-inf")), 0.0)
+    out = torch.where(sees_any, torch.softmax(s, dim=-1) @ vd, 0.0)
+    lse = torch.where(sees_any[..., 0], torch.logsumexp(s, dim=-1), float("-inf"))
+    return out, lse
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    keep: float = 1.0,
+) -> torch.Tensor:
+    """LoRA linear in fp64: x @ W^T + b + scale * ((x * mask / keep) @ A^T) @ B^T.
+
+    x (..., K), weight (N, K), bias (N,), lora_a (r, K), lora_b (N, r), mask bool (..., K) or None
+    (the dropout keep-mask; ``keep`` = 1 - p) -> y (..., N) float64. Differentiable in every input.
+    """
+    xd = x.double() if mask is None else x.double() * mask.double() / keep
+    return linear(x, weight, bias) + scale * (xd @ lora_a.double().T) @ lora_b.double().T

@@ -1,0 +1,371 @@
+"""Fused softmax attention (forward + backward): the public front doors ``attention`` and ``attention_varlen``.
+
+Both are thin wrappers over one ``torch.library.custom_op`` pair (``fastllm::attention_fwd`` /
+``fastllm::attention_bwd``) with fake implementations and registered autograd, so ``torch.compile``
+traces them without graph breaks. CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``) run the
+Triton kernels of ``attention_fwd`` / ``attention_bwd``; plain CPU tensors run the same math in PyTorch
+(``fastllm.reference.attention`` in fp32), so fastllm works anywhere.
+
+Masking semantics (flash-attn compatible). With diag = Sk - Sq, query i may see key j when
+    causal            j <= i + diag           (bottom-right aligned: the last query sees the last key)
+    window=(l, r)     i + diag - l <= j <= i + diag + r   (-1 or None = unbounded side)
+    key_padding_mask  mask[b, j] is True
+A query row that sees no key outputs zeros, has lse = -inf and gets zero gradients (never NaN).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from fastllm.kernels.attention_bwd import attention_backward
+from fastllm.kernels.attention_fwd import AttentionLaunch, attention_forward
+
+from fastllm import reference
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 96, 128, 256)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _window_bound(value: int | None, side: str) -> int:
+    if value is None or value == -1:
+        return -1
+    if not isinstance(value, int) or value < 0:
+        raise ValueError(f"window: {side} bound must be None, -1 or an int >= 0, got {value!r}")
+    return value
+
+
+def _normalise_options(
+    causal: bool, window: tuple[int | None, int | None] | None, softcap: float | None, scale: float | None, dim: int
+) -> tuple[float, float, int, int]:
+    """-> (scale, softcap or 0.0, window_left, window_right) with causal folded into window_right."""
+    if window is None:
+        left, right = -1, -1
+    else:
+        if not isinstance(window, (tuple, list)) or len(window) != 2:
+            raise ValueError(f"window: expected a (left, right) pair, got {window!r}")
+        left, right = _window_bound(window[0], "left"), _window_bound(window[1], "right")
+    if causal:  # as flash-attn: causal is a window whose right side is 0
+        right = 0
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap: expected None or a float > 0, got {softcap!r}")
+    if scale is None:
+        scale = dim**-0.5
+    return float(scale), float(softcap or 0.0), left, right
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ndim: int, layout: str) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != ndim:
+            raise ValueError(f"{name}: expected a {ndim}-D tensor {layout}, got {getattr(t, 'shape', type(t))}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name}: dtype must be float16, bfloat16 or float32, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    dim = q.shape[-1]
+    if dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"q: head dim {dim} not supported, expected one of {SUPPORTED_HEAD_DIMS}")
+    if k.shape[-1] != dim:
+        raise ValueError(f"k, v: head dim {k.shape[-1]} must equal q's head dim {dim}")
+    heads, kv_heads = q.shape[1], k.shape[1]  # (B, H, S, D) and (total, H, D) alike
+    if kv_heads == 0 or heads % kv_heads != 0:
+        raise ValueError(f"q has {heads} heads, k/v have {kv_heads}: the number of q heads must be a multiple")
+
+
+def _launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+) -> AttentionLaunch:
+    varlen = cu_seqlens_q is not None
+    return AttentionLaunch(
+        batch=cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0],
+        group=q.shape[1] // k.shape[1],
+        head_dim=q.shape[-1],
+        max_seqlen_q=max_seqlen_q if varlen else q.shape[2],
+        max_seqlen_k=max_seqlen_k if varlen else k.shape[2],
+        scale=scale,
+        softcap=softcap,
+        window_left=window_left,
+        window_right=window_right,
+        dtype=q.dtype,
+        key_padding_mask=key_padding_mask,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+    )
+
+
+def _kernel_dtype(t: torch.Tensor) -> torch.dtype:
+    # The triton 3.9 interpreter multiplies bf16 dot operands as raw bits: compute bf16 in fp32 there.
+    return torch.float32 if t.dtype == torch.bfloat16 and not t.is_cuda else t.dtype
+
+
+def _like(t: torch.Tensor) -> torch.Tensor:
+    """An empty tensor laid out as the kernels' outputs for input t (t's layout when the head dim is unit-stride)."""
+    return torch.empty_like(t) if t.stride(-1) == 1 else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
+def _laid_out_like(result: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """result in t's dtype and in the layout the fake implementations promise (``_like(t)``)."""
+    target = _like(t)
+    if result.dtype == t.dtype and result.stride() == target.stride():
+        return result
+    return target.copy_(result)
+
+
+def _prep(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The kernels need unit stride along the head dim."""
+    t = t.to(dtype)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _torch_forward(q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, left, right, softcap):
+    """The plain PyTorch path (CPU without the interpreter): the reference math in fp32, per sequence if packed."""
+    window = (left, right)
+    cap = softcap or None
+    if cu_q is None:
+        return reference.attention(
+            q, k, v, scale=scale, key_padding_mask=kpm, window=window, softcap=cap, dtype=torch.float32
+        )
+    outs, lses = [], []
+    for b in range(cu_q.shape[0] - 1):
+        qs, ks = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+        o, s = reference.attention(
+            q[qs].transpose(0, 1)[None], k[ks].transpose(0, 1)[None], v[ks].transpose(0, 1)[None],
+            scale=scale, window=window, softcap=cap, dtype=torch.float32,
+        )  # fmt: skip
+        outs.append(o[0].transpose(0, 1))
+        lses.append(s[0])
+    return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+@torch.library.custom_op("fastllm::attention_fwd", mutates_args=())
+def _attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    args = (key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left)
+    args = (*args, window_right, softcap)
+    if _use_triton(q):
+        dtype = _kernel_dtype(q)
+        qp, kp, vp = (_prep(t, dtype) for t in (q, k, v))
+        out, lse = attention_forward(qp, kp, vp, _launch(qp, kp, *args))
+    else:
+        out, lse = _torch_forward(q, k, v, *args)
+    return _laid_out_like(out, q), lse.contiguous()
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *_):
+    lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens_q is not None else q.shape[:3]
+    return _like(q), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+def _torch_backward(do, q, k, v, out, lse, dlse, kpm, cu_q, cu_k, max_q, max_k, scale, left, right, softcap):
+    """dq, dk, dv in PyTorch (fp32) from the saved lse: the same formulas as the Triton backward."""
+    if cu_q is not None:
+        # packed: gradients of each sequence, one at a time, through the padded path
+        grads = [torch.zeros_like(t, dtype=torch.float32) for t in (q, k, v)]
+        for b in range(cu_q.shape[0] - 1):
+            qs, ks = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+            per_seq = [t.transpose(0, 1)[None] for t in (do[qs], q[qs], k[ks], v[ks], out[qs])]
+            d_lse = None if dlse is None else dlse[:, qs][None]
+            dq, dk, dv = _torch_backward(
+                *per_seq, lse[:, qs][None], d_lse, None, None, None, 0, 0, scale, left, right, softcap
+            )
+            grads[0][qs], grads[1][ks], grads[2][ks] = (g[0].transpose(0, 1) for g in (dq, dk, dv))
+        return tuple(grads)
+    group = q.shape[1] // k.shape[1]
+    qf, kf, vf, dof, of = (t.float() for t in (q, k, v, do, out))
+    kf, vf = kf.repeat_interleave(group, dim=1), vf.repeat_interleave(group, dim=1)
+    raw = (qf @ kf.transpose(-1, -2)) * scale
+    tanh = torch.tanh(raw / softcap) if softcap else None
+    scores = softcap * tanh if softcap else raw
+    allowed = reference.attention_visibility(
+        q.shape[2], k.shape[2], causal=False, window=(left, right), key_padding_mask=kpm, device=q.device
+    )
+    p = torch.where(allowed, torch.exp(scores - lse[..., None]), 0.0)
+    delta = (dof * of).sum(-1) - (0.0 if dlse is None else dlse)
+    ds = p * (dof @ vf.transpose(-1, -2) - delta[..., None])
+    if softcap:
+        ds = ds * (1 - tanh * tanh)
+    dq = (ds @ kf) * scale
+    dk = ((ds.transpose(-1, -2) @ qf) * scale).unflatten(1, (-1, group)).sum(2)
+    dv = (p.transpose(-1, -2) @ dof).unflatten(1, (-1, group)).sum(2)
+    return dq, dk, dv
+
+
+@torch.library.custom_op("fastllm::attention_bwd", mutates_args=())
+def _attention_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dlse: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    args = (key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left)
+    args = (*args, window_right, softcap)
+    if _use_triton(q):
+        dtype = _kernel_dtype(q)
+        dop, qp, kp, vp, outp = (_prep(t, dtype) for t in (do, q, k, v, out))
+        grads = attention_backward(dop, qp, kp, vp, outp, lse, dlse, _launch(qp, kp, *args))
+    else:
+        grads = _torch_backward(do, q, k, v, out, lse, dlse, *args)
+    return tuple(_laid_out_like(g, t) for g, t in zip(grads, (q, k, v), strict=True))
+
+
+@_attention_bwd.register_fake
+def _(do, q, k, v, *_):
+    return _like(q), _like(k), _like(v)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, kpm, cu_q, cu_k = inputs[:6]
+    ctx.options = inputs[6:]
+    ctx.save_for_backward(q, k, v, *output, kpm, cu_q, cu_k)
+
+
+def _backward(ctx, d_out, d_lse):
+    q, k, v, out, lse, kpm, cu_q, cu_k = ctx.saved_tensors
+    if d_out is None:  # only lse was used
+        d_out = torch.zeros_like(out)
+    dq, dk, dv = _attention_bwd(d_out, q, k, v, out, lse, d_lse, kpm, cu_q, cu_k, *ctx.options)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Fused softmax(scale * q k^T [softcapped, masked]) v, differentiable in q, k and v.
+
+    Args:
+        q: (B, H, Sq, D) float16 / bfloat16 / float32, D in {16, 32, 64, 96, 128, 256}.
+        k, v: (B, Hkv, Sk, D), same dtype and device; H % Hkv == 0 (GQA / MQA: head h reads h // (H // Hkv)).
+        causal: query i sees keys j <= i + Sk - Sq (bottom-right aligned when Sq != Sk, as flash-attn).
+        scale: score multiplier, default D ** -0.5.
+        key_padding_mask: bool (B, Sk), True = attend to this key.
+        window: (left, right) sliding window, query i sees i + Sk - Sq - left <= j <= i + Sk - Sq + right;
+            -1 or None leaves that side unbounded. With causal=True the right side is 0.
+        softcap: scores = softcap * tanh(scores / softcap) after scaling (Gemma 2).
+        return_lse: also return the natural log-sum-exp of the scores, (B, H, Sq) float32 (differentiable).
+
+    Returns:
+        out (B, H, Sq, D) in q's dtype, or (out, lse) with ``return_lse``. Rows that see no key give 0
+        (lse -inf) and zero gradients.
+    """
+    _check_qkv(q, k, v, 4, "(B, H, S, D)")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        raise ValueError(f"q, k: sequence lengths must be >= 1, got Sq={q.shape[2]}, Sk={k.shape[2]}")
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask: expected a bool tensor (True = attend), got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (k.shape[0], k.shape[2]):
+            raise ValueError(
+                f"key_padding_mask: expected shape (B, Sk) = {(k.shape[0], k.shape[2])}, "
+                f"got {tuple(key_padding_mask.shape)}"
+            )
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask: expected device {q.device}, got {key_padding_mask.device}")
+    scale, cap, left, right = _normalise_options(causal, window, softcap, scale, q.shape[-1])
+    out, lse = _attention_fwd(q, k, v, key_padding_mask, None, None, 0, 0, scale, left, right, cap)
+    return (out, lse) if return_lse else out
+
+
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Attention over packed variable-length sequences, differentiable in q, k and v.
+
+    Args:
+        q: (total_q, H, D); k, v: (total_k, Hkv, D); dtypes, head dims and GQA as in ``attention``.
+        cu_seqlens_q, cu_seqlens_k: int32 (B + 1,) cumulative sequence starts (first 0, last total).
+        max_seqlen_q, max_seqlen_k: the longest sequence in q and in k.
+        causal, scale, window, softcap: as in ``attention``, applied per sequence (bottom-right aligned
+            with that sequence's own lengths).
+
+    Returns:
+        out (total_q, H, D) in q's dtype.
+    """
+    _check_qkv(q, k, v, 3, "(total, H, D)")
+    checks = (("q", cu_seqlens_q, q.shape[0], max_seqlen_q), ("k", cu_seqlens_k, k.shape[0], max_seqlen_k))
+    for side, cu, total, max_len in checks:
+        name = f"cu_seqlens_{side}"
+        if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.device != q.device:
+            raise ValueError(f"{name}: expected a 1-D int32 tensor on {q.device}, got {cu!r:.80}")
+        if cu.shape[0] != cu_seqlens_q.shape[0] or cu.shape[0] < 2:
+            raise ValueError("cu_seqlens_q and cu_seqlens_k must both have length B + 1 >= 2")
+        if not torch.compiler.is_compiling():  # value checks read the offsets back to the host
+            lengths = cu[1:] - cu[:-1]
+            if int(cu[0]) != 0 or int(cu[-1]) != total or bool((lengths < 0).any()):
+                raise ValueError(f"{name}: must rise from 0 to the packed length {total}, got {cu.tolist()}")
+            if int(lengths.max()) > max_len:
+                raise ValueError(
+                    f"max_seqlen_{side}={max_len} is shorter than the longest sequence {int(lengths.max())}"
+                )
+    scale, cap, left, right = _normalise_options(causal, window, softcap, scale, q.shape[-1])
+    out, _ = _attention_fwd(
+        q, k, v, None, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale, left, right, cap
+    )
+    return out

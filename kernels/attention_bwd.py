@@ -1,0 +1,295 @@
+"""Triton backward of fused attention: a delta pre-pass, a dK/dV kernel and a dQ kernel (no atomics).
+
+With P = softmax(S) recomputed from the saved log-sum-exp (P = exp2(S2 - lse * log2 e)):
+    dV = P^T dO
+    dP = dO V^T
+    dS = P * (dP - delta),  delta_i = rowsum(dO_i * O_i) - dlse_i
+    dQ = scale * dS' K,  dK = scale * dS'^T Q,  dS' = dS * (1 - t^2) under softcap (t = tanh), else dS
+The dK/dV kernel owns a block of keys of one key/value head and loops over every query head of its GQA
+group, so group gradients are summed in registers; the dQ kernel owns a block of queries. Every output
+element is written by exactly one program: the result is deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from fastllm.kernels.attention_fwd import (
+    INTERPRETING,
+    AttentionLaunch,
+    kv_block_range,
+    new_row_stats,
+    prune_for_head_dim,
+    row_stat_strides,
+    scores_log2,
+    seq_bounds,
+    seq_strides,
+    tile_configs,
+    visible,
+)
+
+_DELTA_BLOCK = 32 if INTERPRETING else 64
+_BWD_SHAPES = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 4, 2), (32, 32, 4, 1)]
+
+
+@triton.jit
+def _attention_delta_kernel(
+    o_ptr, do_ptr, dlse_ptr, delta_ptr, cu_seqlens_q,
+    stride_ob, stride_oh, stride_os,
+    stride_db, stride_dh, stride_ds,
+    stride_lb, stride_lh,
+    n_heads, seqlen_q, head_dim,
+    HAS_DLSE: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    # delta_i = sum_d dO[i, d] * O[i, d] (fp32) = sum_j P_ij dP_ij, the softmax-Jacobian correction; a
+    # gradient flowing into lse_i adds P_ij * dlse_i to dS_ij, which is the same as subtracting it from delta.
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    q_start, q_len, _, _ = seq_bounds(b, cu_seqlens_q, cu_seqlens_q, seqlen_q, seqlen_q, VARLEN)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < q_len
+    mask = row_ok[:, None] & (offs_d < head_dim)[None, :]
+    rows = q_start.to(tl.int64) + offs_m
+    o = tl.load(
+        o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + rows[:, None] * stride_os + offs_d[None, :], mask=mask
+    )
+    do = tl.load(
+        do_ptr + b.to(tl.int64) * stride_db + h * stride_dh + rows[:, None] * stride_ds + offs_d[None, :], mask=mask
+    )
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    stat = b.to(tl.int64) * stride_lb + h * stride_lh + rows
+    if HAS_DLSE:
+        delta -= tl.load(dlse_ptr + stat, mask=row_ok, other=0.0)
+    tl.store(delta_ptr + stat, delta, mask=row_ok)
+
+
+@triton.autotune(
+    configs=tile_configs(_BWD_SHAPES),
+    key=["BLOCK_D", "HAS_LEFT", "HAS_RIGHT", "HAS_KPM", "SOFTCAP", "VARLEN", "SEQ_BUCKET"],
+    prune_configs_by={"early_config_prune": prune_for_head_dim},
+)
+@triton.jit
+def _attention_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    kpm_ptr, kv_lo_ptr, kv_hi_ptr, cu_seqlens_q, cu_seqlens_k,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_dob, stride_doh, stride_dos,
+    stride_dkb, stride_dkh, stride_dks,
+    stride_dvb, stride_dvh, stride_dvs,
+    stride_lb, stride_lh,
+    stride_kpm,
+    n_kv_heads, group, seqlen_q, seqlen_k, head_dim,
+    scale, qk_scale, cap_scale, window_left, window_right,
+    SEQ_BUCKET,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr, SOFTCAP: tl.constexpr,
+    VARLEN: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_bkv = tl.program_id(1)
+    b = pid_bkv // n_kv_heads
+    hkv = pid_bkv % n_kv_heads
+    q_start, q_len, k_start, k_len = seq_bounds(b, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, VARLEN)
+    n0 = pid_n * BLOCK_N
+    if n0 >= k_len:
+        return
+
+    # This program's key/value tile stays in registers for the whole loop.
+    cols = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    kv_mask = (cols[:, None] < k_len) & d_ok[None, :]
+    k_rows = k_start.to(tl.int64) + cols
+    k = tl.load(k_ptr + b.to(tl.int64) * stride_kb + hkv * stride_kh + k_rows[:, None] * stride_ks + offs_d[None, :],
+                mask=kv_mask)  # fmt: skip
+    v = tl.load(v_ptr + b.to(tl.int64) * stride_vb + hkv * stride_vh + k_rows[:, None] * stride_vs + offs_d[None, :],
+                mask=kv_mask)  # fmt: skip
+    kpm_row = kpm_ptr + b.to(tl.int64) * stride_kpm
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    # Query rows that can see any key of this block (the transpose of the forward's block skipping):
+    # j <= i + diag + right  <=>  i >= j - diag - right;  j >= i + diag - left  <=>  i <= j - diag + left.
+    diag = k_len - q_len
+    lo = 0
+    hi = q_len
+    if HAS_RIGHT:
+        lo = tl.maximum(lo, n0 - diag - window_right)
+    if HAS_LEFT:
+        hi = tl.minimum(hi, n0 + BLOCK_N - diag + window_left)
+    if HAS_KPM:
+        # a block wholly outside this sequence's unpadded key span gets no gradient
+        outside = (n0 + BLOCK_N <= tl.load(kv_lo_ptr + b)) | (n0 >= tl.load(kv_hi_ptr + b))
+        hi = tl.where(outside, 0, hi)
+    lo = (lo // BLOCK_M) * BLOCK_M
+
+    for g in range(group):
+        h = hkv * group + g
+        q_base = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh
+        do_base = do_ptr + b.to(tl.int64) * stride_dob + h * stride_doh
+        stat_base = b.to(tl.int64) * stride_lb + h * stride_lh + q_start
+        for m0 in range(lo, hi, BLOCK_M):
+            rows = m0 + offs_m
+            row_mask = (rows[:, None] < q_len) & d_ok[None, :]
+            q_rows = q_start.to(tl.int64) + rows
+            q = tl.load(q_base + q_rows[:, None] * stride_qs + offs_d[None, :], mask=row_mask)
+            do = tl.load(do_base + q_rows[:, None] * stride_dos + offs_d[None, :], mask=row_mask)
+            lse2 = tl.load(lse_ptr + stat_base + rows, mask=rows < q_len, other=0.0) * 1.4426950408889634
+            delta = tl.load(delta_ptr + stat_base + rows, mask=rows < q_len, other=0.0)
+            # P^T for this tile, recomputed from lse: P^T_ji = exp2(S2^T_ji - lse2_i), 0 where invisible.
+            s_t, t_t = scores_log2(tl.dot(k, tl.trans(q), input_precision=PRECISION), qk_scale, cap_scale, SOFTCAP)
+            ok = visible(
+                rows[None, :], cols[:, None], q_len, k_len, kpm_row, window_left, window_right,
+                HAS_LEFT, HAS_RIGHT, HAS_KPM,
+            )  # fmt: skip
+            p_t = tl.exp2(tl.where(ok, s_t - lse2[None, :], float("-inf")))
+            # dV += P^T dO
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+            # dS^T = P^T * (V dO^T - delta), times the tanh derivative under softcap; dK += dS^T Q
+            ds_t = p_t * (tl.dot(v, tl.trans(do), input_precision=PRECISION) - delta[None, :])
+            if SOFTCAP:
+                ds_t = ds_t * (1.0 - t_t * t_t)
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+
+    dk_base = dk_ptr + b.to(tl.int64) * stride_dkb + hkv * stride_dkh
+    dv_base = dv_ptr + b.to(tl.int64) * stride_dvb + hkv * stride_dvh
+    tl.store(dk_base + k_rows[:, None] * stride_dks + offs_d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty),
+             mask=kv_mask)  # fmt: skip
+    tl.store(dv_base + k_rows[:, None] * stride_dvs + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.autotune(
+    configs=tile_configs(_BWD_SHAPES),
+    key=["BLOCK_D", "HAS_LEFT", "HAS_RIGHT", "HAS_KPM", "SOFTCAP", "VARLEN", "SEQ_BUCKET"],
+    prune_configs_by={"early_config_prune": prune_for_head_dim},
+)
+@triton.jit
+def _attention_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    kpm_ptr, kv_lo_ptr, kv_hi_ptr, cu_seqlens_q, cu_seqlens_k,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_dob, stride_doh, stride_dos,
+    stride_dqb, stride_dqh, stride_dqs,
+    stride_lb, stride_lh,
+    stride_kpm,
+    n_heads, group, seqlen_q, seqlen_k, head_dim,
+    scale, qk_scale, cap_scale, window_left, window_right,
+    SEQ_BUCKET,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr, SOFTCAP: tl.constexpr,
+    VARLEN: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    q_start, q_len, k_start, k_len = seq_bounds(b, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 >= q_len:
+        return
+
+    # This program's query rows, their output gradient, lse and delta stay in registers.
+    rows = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    row_mask = (rows[:, None] < q_len) & d_ok[None, :]
+    q_rows = q_start.to(tl.int64) + rows
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + q_rows[:, None] * stride_qs + offs_d[None, :],
+                mask=row_mask)  # fmt: skip
+    do = tl.load(do_ptr + b.to(tl.int64) * stride_dob + h * stride_doh + q_rows[:, None] * stride_dos
+                 + offs_d[None, :], mask=row_mask)  # fmt: skip
+    stat = b.to(tl.int64) * stride_lb + h * stride_lh + q_rows
+    lse2 = tl.load(lse_ptr + stat, mask=rows < q_len, other=0.0) * 1.4426950408889634
+    delta = tl.load(delta_ptr + stat, mask=rows < q_len, other=0.0)
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + (h // group) * stride_kh + k_start.to(tl.int64) * stride_ks
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + (h // group) * stride_vh + k_start.to(tl.int64) * stride_vs
+    kpm_row = kpm_ptr + b.to(tl.int64) * stride_kpm
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    lo, hi = kv_block_range(
+        m0, m0 + BLOCK_M, q_len, k_len, kv_lo_ptr, kv_hi_ptr, b, window_left, window_right,
+        HAS_LEFT, HAS_RIGHT, HAS_KPM, BLOCK_N,
+    )  # fmt: skip
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + offs_n
+        kv_mask = (cols[:, None] < k_len) & d_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=kv_mask)
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=kv_mask)
+        # P = exp2(S2 - lse2) recomputed for this tile, 0 where invisible.
+        s, t = scores_log2(tl.dot(q, tl.trans(k), input_precision=PRECISION), qk_scale, cap_scale, SOFTCAP)
+        ok = visible(
+            rows[:, None], cols[None, :], q_len, k_len, kpm_row, window_left, window_right,
+            HAS_LEFT, HAS_RIGHT, HAS_KPM,
+        )  # fmt: skip
+        p = tl.exp2(tl.where(ok, s - lse2[:, None], float("-inf")))
+        # dS = P * (dO V^T - delta) (times the tanh derivative under softcap); dQ += dS K
+        ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+    dq_base = dq_ptr + b.to(tl.int64) * stride_dqb + h * stride_dqh
+    tl.store(dq_base + q_rows[:, None] * stride_dqs + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
+             mask=row_mask)  # fmt: skip
+
+
+def attention_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dlse: torch.Tensor | None,
+    params: AttentionLaunch,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch delta, dK/dV and dQ kernels; layouts as in ``attention_forward``. Returns (dq, dk, dv) like q, k, v."""
+    n_heads = q.shape[1]
+    n_kv_heads = k.shape[1]
+    delta = new_row_stats(q, params)
+    stat_strides = row_stat_strides(delta, params)
+    cu_q, cu_k = params.cu_args(q.device)
+    grid = (triton.cdiv(params.max_seqlen_q, _DELTA_BLOCK), params.batch * n_heads)
+    _attention_delta_kernel[grid](
+        out, do, delta if dlse is None else dlse.contiguous(), delta, cu_q,
+        *seq_strides(out, params), *seq_strides(do, params), *stat_strides,
+        n_heads, params.max_seqlen_q, params.head_dim,
+        HAS_DLSE=dlse is not None, VARLEN=params.varlen, BLOCK_M=_DELTA_BLOCK, BLOCK_D=params.block_d,
+    )  # fmt: skip
+
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    shared = (
+        *params.mask_args(q.device), cu_q, cu_k,
+        *seq_strides(q, params), *seq_strides(k, params), *seq_strides(v, params), *seq_strides(do, params),
+    )  # fmt: skip
+    options = dict(
+        HAS_LEFT=params.has_left, HAS_RIGHT=params.has_right, HAS_KPM=params.has_kpm, SOFTCAP=params.has_softcap,
+        VARLEN=params.varlen, PRECISION=params.precision, BLOCK_D=params.block_d,
+    )  # fmt: skip
+    scalars = (
+        params.group, params.max_seqlen_q, params.max_seqlen_k, params.head_dim,
+        params.scale, params.qk_scale, params.cap_scale, params.window_left, params.window_right, params.seq_bucket,
+    )  # fmt: skip
+    grid_kv = lambda meta: (triton.cdiv(params.max_seqlen_k, meta["BLOCK_N"]), params.batch * n_kv_heads)
+    _attention_dkdv_kernel[grid_kv](
+        q, k, v, do, lse, delta, dk, dv, *shared,
+        *seq_strides(dk, params), *seq_strides(dv, params), *stat_strides, params.kpm_stride,
+        n_kv_heads, *scalars, **options,
+    )  # fmt: skip
+    grid_q = lambda meta: (triton.cdiv(params.max_seqlen_q, meta["BLOCK_M"]), params.batch * n_heads)
+    _attention_dq_kernel[grid_q](
+        q, k, v, do, lse, delta, dq, *shared,
+        *seq_strides(dq, params), *stat_strides, params.kpm_stride,
+        n_heads, *scalars, **options,
+    )  # fmt: skip
+    return dq, dk, dv

@@ -1,0 +1,372 @@
+"""Triton forward of fused attention (flash-attention style), plus the tile helpers the backward shares.
+
+One program owns BLOCK_M query rows of one (sequence, head). It streams over the key/value blocks that
+can be visible to those rows and keeps a running ("online") softmax, so the Sq x Sk score matrix never
+leaves registers. Scores are kept in base-2 units: exp(x) = exp2(x * log2(e)), and log2(e) is folded into
+the scale so each score costs one multiply before exp2.
+
+Visibility of key j to query i (diag = Sk - Sq, bottom-right alignment as flash-attn):
+    HAS_LEFT  -> j >= i + diag - window_left
+    HAS_RIGHT -> j <= i + diag + window_right       (causal is window_right = 0)
+    HAS_KPM   -> key_padding_mask[b, j]
+Only plain pointer arithmetic is used (no tl.make_block_ptr) so the kernels run on triton 3.6 and 3.9 and
+under TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def prune_for_head_dim(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop tile shapes whose q/k/v tiles would not fit in shared memory next to a 256-wide head.
+
+    Triton's autotuner passes the positional launch arguments as ``named_args`` and the keyword ones
+    (BLOCK_D among them) as ``kwargs``.
+    """
+    if {**named_args, **kwargs}["BLOCK_D"] < 256:
+        return configs
+    small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    return small or configs[-1:]
+
+
+def tile_configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) tuples -> autotune configs; one small tile under the interpreter."""
+    if INTERPRETING:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+@triton.jit
+def seq_bounds(b, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
+    """(start row, length) of sequence b in q and in k: packed offsets when VARLEN, else the padded sizes."""
+    if VARLEN:
+        q_start = tl.load(cu_seqlens_q + b)
+        q_len = tl.load(cu_seqlens_q + b + 1) - q_start
+        k_start = tl.load(cu_seqlens_k + b)
+        k_len = tl.load(cu_seqlens_k + b + 1) - k_start
+    else:
+        q_start = b * 0  # a tensor, like the loaded offsets
+        q_len = seqlen_q
+        k_start = b * 0
+        k_len = seqlen_k
+    return q_start, q_len, k_start, k_len
+
+
+@triton.jit
+def visible(
+    qi,
+    kj,
+    q_len,
+    k_len,
+    kpm_row,
+    window_left,
+    window_right,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+):
+    """Boolean tile: may query qi see key kj?  qi and kj are broadcastable index tiles (either orientation)."""
+    diag = k_len - q_len
+    ok = (qi < q_len) & (kj < k_len)
+    if HAS_LEFT:
+        ok = ok & (kj >= qi + diag - window_left)
+    if HAS_RIGHT:
+        ok = ok & (kj <= qi + diag + window_right)
+    if HAS_KPM:
+        # the padding mask is a uint8 row of this sequence; out-of-range keys read 0 (= padded)
+        ok = ok & (tl.load(kpm_row + kj, mask=kj < k_len, other=0) != 0)
+    return ok
+
+
+@triton.jit
+def scores_log2(qk, qk_scale, cap_scale, SOFTCAP: tl.constexpr):
+    """Raw dot products -> scores in log2 units, plus t = tanh(.) of the softcap (1 when not capping).
+
+    Without softcap: s2 = qk * (scale * log2 e).
+    With softcap c:  s = c * tanh(scale * qk / c), so s2 = tanh(qk * (scale / c)) * (c * log2 e);
+                     tanh(x) = 1 - 2 / (exp(2x) + 1) saturates cleanly to +-1 for large |x|.
+    The backward needs ds/dqk = scale * (1 - t^2), hence t is returned.
+    """
+    if SOFTCAP:
+        t = 1.0 - 2.0 / (tl.exp2(qk * (qk_scale * 2.0 * 1.4426950408889634)) + 1.0)
+        return t * cap_scale, t
+    return qk * qk_scale, 1.0
+
+
+@triton.jit
+def kv_block_range(
+    m_lo,
+    m_hi,
+    q_len,
+    k_len,
+    kv_lo_ptr,
+    kv_hi_ptr,
+    b,
+    window_left,
+    window_right,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """[lo, hi) of the key columns any of the query rows [m_lo, m_hi) can see, lo rounded down to BLOCK_N.
+
+    Block skipping: keys left of the window of the first row, right of the causal/window edge of the last
+    row, or outside the first..last unpadded key of this sequence are never loaded.
+    """
+    diag = k_len - q_len
+    lo = 0
+    hi = k_len
+    if HAS_LEFT:
+        lo = tl.maximum(lo, m_lo + diag - window_left)
+    if HAS_RIGHT:
+        hi = tl.minimum(hi, m_hi - 1 + diag + window_right + 1)
+    if HAS_KPM:
+        lo = tl.maximum(lo, tl.load(kv_lo_ptr + b))
+        hi = tl.minimum(hi, tl.load(kv_hi_ptr + b))
+    lo = (lo // BLOCK_N) * BLOCK_N
+    return lo, hi
+
+
+@dataclass
+class AttentionLaunch:
+    """Options of one attention call, normalised for the kernels (shared by forward and backward launches).
+
+    window_left / window_right are -1 for an unbounded side; causal is already folded into window_right.
+    """
+
+    batch: int
+    group: int
+    head_dim: int
+    max_seqlen_q: int
+    max_seqlen_k: int
+    scale: float
+    softcap: float  # 0.0 = off
+    window_left: int
+    window_right: int
+    dtype: torch.dtype
+    key_padding_mask: torch.Tensor | None = None  # bool (B, Sk)
+    cu_seqlens_q: torch.Tensor | None = None  # int32 (B + 1,)
+    cu_seqlens_k: torch.Tensor | None = None
+    _mask_args: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_seqlens_q is not None
+
+    @property
+    def has_left(self) -> bool:
+        return self.window_left >= 0
+
+    @property
+    def has_right(self) -> bool:
+        return self.window_right >= 0
+
+    @property
+    def has_kpm(self) -> bool:
+        return self.key_padding_mask is not None
+
+    @property
+    def has_softcap(self) -> bool:
+        return self.softcap > 0.0
+
+    @property
+    def qk_scale(self) -> float:
+        """Multiplier of the raw dot product: scale * log2(e), or scale / softcap (inside the tanh)."""
+        return self.scale / self.softcap if self.has_softcap else self.scale * LOG2E
+
+    @property
+    def cap_scale(self) -> float:
+        """Multiplier of tanh(.) when soft-capping: softcap * log2(e)."""
+        return self.softcap * LOG2E if self.has_softcap else 1.0
+
+    @property
+    def block_d(self) -> int:
+        return triton.next_power_of_2(self.head_dim)
+
+    @property
+    def precision(self) -> str:
+        """fp32 inputs get exact fp32 dots; 16-bit inputs use the tensor-core default."""
+        return "ieee" if self.dtype == torch.float32 else "tf32"
+
+    @property
+    def seq_bucket(self) -> int:
+        """Autotune key: the longer sequence length rounded up to a power of two."""
+        return triton.next_power_of_2(max(self.max_seqlen_q, self.max_seqlen_k, 1))
+
+    @property
+    def kpm_stride(self) -> int:
+        return self.key_padding_mask.shape[1] if self.has_kpm else 0
+
+    def mask_args(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(padding mask as uint8, first unpadded key per sequence, one past the last), or dummies."""
+        if self._mask_args is None:
+            if self.has_kpm:
+                mask = self.key_padding_mask.contiguous()
+                cols = torch.arange(mask.shape[1], device=device, dtype=torch.int32)
+                kv_lo = torch.where(mask, cols, mask.shape[1]).amin(dim=1).to(torch.int32)
+                kv_hi = torch.where(mask, cols + 1, 0).amax(dim=1).to(torch.int32)
+                self._mask_args = (mask.view(torch.uint8), kv_lo, kv_hi)
+            else:
+                dummy = torch.zeros(1, device=device, dtype=torch.int32)
+                self._mask_args = (dummy.view(torch.uint8), dummy, dummy)
+        return self._mask_args
+
+    def cu_args(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.varlen:
+            return self.cu_seqlens_q, self.cu_seqlens_k
+        dummy = torch.zeros(1, device=device, dtype=torch.int32)
+        return dummy, dummy
+
+
+_FWD_SHAPES = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1)]
+
+
+@triton.autotune(
+    configs=tile_configs(_FWD_SHAPES),
+    key=["BLOCK_D", "HAS_LEFT", "HAS_RIGHT", "HAS_KPM", "SOFTCAP", "VARLEN", "SEQ_BUCKET"],
+    prune_configs_by={"early_config_prune": prune_for_head_dim},
+)
+@triton.jit
+def _attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+    kpm_ptr, kv_lo_ptr, kv_hi_ptr, cu_seqlens_q, cu_seqlens_k,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh, stride_os,
+    stride_lb, stride_lh,
+    stride_kpm,
+    n_heads, group, seqlen_q, seqlen_k, head_dim,
+    qk_scale, cap_scale, window_left, window_right,
+    SEQ_BUCKET,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr, SOFTCAP: tl.constexpr,
+    VARLEN: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    q_start, q_len, k_start, k_len = seq_bounds(b, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 >= q_len:
+        return
+
+    # Base pointers of this (sequence, head); query head h reads key/value head h // group (GQA / MQA).
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    q_base = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + q_start.to(tl.int64) * stride_qs
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + (h // group) * stride_kh + k_start.to(tl.int64) * stride_ks
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + (h // group) * stride_vh + k_start.to(tl.int64) * stride_vs
+    kpm_row = kpm_ptr + b.to(tl.int64) * stride_kpm
+
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=(offs_m[:, None] < q_len) & d_ok[None, :])
+
+    # Online softmax state per row: running max m_i (log2 units), running sum l_i of exp2(s - m_i), and the
+    # unnormalised output acc = sum_j exp2(s_j - m_i) v_j, all in fp32.
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    lo, hi = kv_block_range(
+        m0, m0 + BLOCK_M, q_len, k_len, kv_lo_ptr, kv_hi_ptr, b, window_left, window_right,
+        HAS_LEFT, HAS_RIGHT, HAS_KPM, BLOCK_N,
+    )  # fmt: skip
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + offs_n
+        kv_mask = (cols[:, None] < k_len) & d_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=kv_mask)
+        # S = Q K^T for this tile (fp32 accumulate), scaled into log2 units, invisible entries -> -inf.
+        s, _ = scores_log2(tl.dot(q, tl.trans(k), input_precision=PRECISION), qk_scale, cap_scale, SOFTCAP)
+        ok = visible(
+            offs_m[:, None], cols[None, :], q_len, k_len, kpm_row, window_left, window_right,
+            HAS_LEFT, HAS_RIGHT, HAS_KPM,
+        )  # fmt: skip
+        s = tl.where(ok, s, float("-inf"))
+        # New running max; a row that has seen nothing yet keeps max -inf, so shift it by 0 instead
+        # (exp2(-inf - 0) = 0) to avoid -inf - -inf = NaN.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_shift[:, None])
+        # Rescale the old sum and accumulator from the old max to the new one, then add this tile.
+        alpha = tl.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=kv_mask)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    # O = acc / l; lse = (m + log2 l) * ln 2 in natural units. A row that saw no key has l = 0:
+    # it outputs zeros and lse = -inf (the backward then gives it zero gradients).
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_base = o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + q_start.to(tl.int64) * stride_os
+    row_ok = offs_m < q_len
+    tl.store(
+        o_base + offs_m[:, None] * stride_os + offs_d[None, :],
+        out.to(o_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & d_ok[None, :],
+    )
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    tl.store(lse_ptr + b.to(tl.int64) * stride_lb + h * stride_lh + q_start + offs_m, lse, mask=row_ok)
+
+
+def seq_strides(t: torch.Tensor, params: AttentionLaunch) -> tuple[int, int, int]:
+    """(batch, head, sequence) strides of q/k/v/o-like tensors: (B, H, S, D) padded or (total, H, D) packed."""
+    if params.varlen:
+        return 0, t.stride(1), t.stride(0)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def new_row_stats(q: torch.Tensor, params: AttentionLaunch) -> torch.Tensor:
+    """An fp32 per-query-row buffer (lse, delta): (B, H, Sq) padded or (H, total_q) packed."""
+    shape = (q.shape[1], q.shape[0]) if params.varlen else q.shape[:3]
+    return torch.empty(shape, device=q.device, dtype=torch.float32)
+
+
+def row_stat_strides(t: torch.Tensor, params: AttentionLaunch) -> tuple[int, int]:
+    """(batch, head) strides of a per-row buffer from ``new_row_stats`` (rows are contiguous)."""
+    if params.varlen:
+        return 0, t.stride(0)
+    return t.stride(0), t.stride(1)
+
+
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    params: AttentionLaunch,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel. Padded layout q (B, H, Sq, D) or packed q (total_q, H, D) when varlen.
+
+    Returns (out like q, lse fp32: (B, H, Sq) padded or (H, total_q) packed).
+    """
+    out = torch.empty_like(q)
+    lse = new_row_stats(q, params)
+    n_heads = q.shape[1]
+    grid = lambda meta: (triton.cdiv(params.max_seqlen_q, meta["BLOCK_M"]), params.batch * n_heads)
+    _attention_fwd_kernel[grid](
+        q, k, v, out, lse,
+        *params.mask_args(q.device), *params.cu_args(q.device),
+        *seq_strides(q, params), *seq_strides(k, params), *seq_strides(v, params), *seq_strides(out, params),
+        *row_stat_strides(lse, params),
+        params.kpm_stride,
+        n_heads, params.group, params.max_seqlen_q, params.max_seqlen_k, params.head_dim,
+        params.qk_scale, params.cap_scale, params.window_left, params.window_right,
+        params.seq_bucket,
+        HAS_LEFT=params.has_left, HAS_RIGHT=params.has_right, HAS_KPM=params.has_kpm, SOFTCAP=params.has_softcap,
+        VARLEN=params.varlen, PRECISION=params.precision, BLOCK_D=params.block_d,
+    )  # fmt: skip
+    return out, lse

@@ -1,0 +1,298 @@
+"""fastllm.kernels.attention (Triton under TRITON_INTERPRET=1 here) against the fp64 reference, forward and backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+from fastllm.kernels import attention_fwd
+from fastllm.kernels.attention import attention, attention_varlen
+
+from fastllm import reference
+
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in fp64 (the absolute ||out|| where ref is exactly 0, e.g. dq with one key)."""
+    norm = ref.double().norm()
+    return ((out.double() - ref.double()).norm() / (norm if norm > 0 else 1.0)).item()
+
+
+def make_qkv(b, h, hkv, sq, sk, d, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, sq, d, generator=gen).to(dtype)
+    k = torch.randn(b, hkv, sk, d, generator=gen).to(dtype)
+    v = torch.randn(b, hkv, sk, d, generator=gen).to(dtype)
+    return q, k, v
+
+
+def run_both(q, k, v, seed=0, **options):
+    """(out, lse, dq, dk, dv) of the kernel and of the fp64 reference for the same upstream gradient."""
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1)).to(q.dtype)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = attention(*leaves, return_lse=True, **options)
+    out.backward(grad)
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = reference.attention(*ref_leaves, **options)
+    ref_out.backward(grad.double())
+    return (out, lse, *(t.grad for t in leaves)), (ref_out, ref_lse, *(t.grad for t in ref_leaves))
+
+
+# (B, H, Hkv, Sq, Sk, D, dtype, options): GQA/MQA, causal with Sq < Sk and Sq > Sk, padding with a fully
+# padded sequence, windows, softcap, head dims 16..256, lengths 1, 17, 77, 129 -- a spread, not a product.
+CASES = {
+    "gqa-causal-sq<sk-d32-fp16": (2, 4, 2, 17, 77, 32, torch.float16, dict(causal=True)),
+    "mqa-causal-sq>sk-d64-fp32": (1, 4, 1, 77, 17, 64, torch.float32, dict(causal=True)),
+    "padding-full-pad-d32-fp16": (3, 2, 2, 77, 77, 32, torch.float16, dict(padding="full")),
+    "padding-causal-d128-fp32": (3, 2, 1, 33, 33, 128, torch.float32, dict(causal=True, padding="left")),
+    "window-softcap-causal-d64-fp16": (2, 2, 1, 129, 129, 64, torch.float16, dict(causal=True, window=(16, None))),
+    "window-two-sided-softcap-d32-fp32": (1, 2, 2, 77, 129, 32, torch.float32, dict(window=(5, 9), softcap=2.0)),
+    "decode-sq1-d128-fp16": (2, 4, 2, 1, 129, 128, torch.float16, dict(causal=True)),
+    "single-token-d16-fp32": (1, 2, 1, 1, 1, 16, torch.float32, dict(causal=True)),
+    "full-d96-fp32": (2, 2, 1, 17, 17, 96, torch.float32, dict(scale=0.3)),
+    "full-d256-fp16": (1, 2, 1, 17, 40, 256, torch.float16, dict(softcap=5.0)),
+    "gqa-causal-bf16": (1, 4, 2, 17, 17, 32, torch.bfloat16, dict(causal=True)),
+}
+
+
+def padding_mask(kind: str, batch: int, sk: int) -> torch.Tensor:
+    mask = torch.ones(batch, sk, dtype=torch.bool)
+    if kind == "full":  # right padding, and one sequence with no key at all
+        mask[1] = False
+        mask[2, sk // 2 :] = False
+    else:  # left padding, as generation batches use
+        mask[0, : sk // 3] = False
+        mask[2, :5] = False
+    return mask
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_backward_matches_reference(case):
+    b, h, hkv, sq, sk, d, dtype, options = CASES[case]
+    options = dict(options)
+    if "softcap" not in options and "window" in options:
+        options["softcap"] = 3.0
+    if "padding" in options:
+        options["key_padding_mask"] = padding_mask(options.pop("padding"), b, sk)
+    q, k, v = make_qkv(b, h, hkv, sq, sk, d, dtype, seed=len(case))
+    got, ref = run_both(q, k, v, **options)
+    names = ("out", "lse", "dq", "dk", "dv")
+    for name, g, r in zip(names, got, ref, strict=True):
+        assert not g.isnan().any(), f"{case}: NaN in {name}"
+        finite = torch.isfinite(r)
+        assert torch.equal(torch.isfinite(g), finite), f"{case}: {name} finite pattern differs"
+        err = rel_err(g[finite], r[finite])
+        assert err < TOL[dtype], f"{case}: {name} rel err {err:.2e}"
+    # rows that see no key: output and dq exactly zero, lse -inf
+    empty = ~torch.isfinite(ref[1])
+    if empty.any():
+        assert (got[0][empty] == 0).all() and (got[2][empty] == 0).all()
+
+
+def test_empty_rows_exist_in_cases():
+    """The Sq > Sk causal and fully padded cases really produce rows with no visible key."""
+    for case in ("mqa-causal-sq>sk-d64-fp32", "padding-full-pad-d32-fp16"):
+        b, _, _, sq, sk, _, _, options = CASES[case]
+        kpm = padding_mask(options["padding"], b, sk) if "padding" in options else None
+        vis = reference.attention_visibility(sq, sk, causal=options.get("causal", False), key_padding_mask=kpm)
+        assert (~vis.any(-1)).any()
+
+
+def test_backward_is_deterministic():
+    q, k, v = make_qkv(2, 4, 1, 45, 45, 32, torch.float32, seed=3)
+    runs = [run_both(q, k, v, causal=True)[0] for _ in range(2)]
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_lse_and_its_gradient():
+    """return_lse matches the reference logsumexp, and a loss on lse backpropagates correctly."""
+    q, k, v = make_qkv(2, 2, 1, 29, 41, 64, torch.float32, seed=5)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = attention(*leaves, causal=True, softcap=4.0, return_lse=True)
+    (out.sum() + (lse * lse).sum()).backward()
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = reference.attention(*ref_leaves, causal=True, softcap=4.0)
+    (ref_out.sum() + (ref_lse * ref_lse).sum()).backward()
+    assert lse.dtype == torch.float32 and lse.shape == (2, 2, 29)
+    assert rel_err(lse, ref_lse) < 1e-6
+    for g, r in zip(leaves, ref_leaves, strict=True):
+        assert rel_err(g.grad, r.grad) < 1e-4
+
+
+def pack(x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """(B, H, S, D) padded -> (total, H, D) packed (the first lengths[b] rows of each sequence)."""
+    return torch.cat([x[b, :, :n].transpose(0, 1) for b, n in enumerate(lengths)])
+
+
+def cu_seqlens(lengths: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def test_varlen_matches_padded_api():
+    """Packed sequences give the same outputs and gradients as the padded API with a key padding mask."""
+    lengths = [17, 1, 40, 29]
+    b, s = len(lengths), max(lengths)
+    q, k, v = make_qkv(b, 4, 2, s, s, 32, torch.float16, seed=7)
+    kpm = torch.arange(s)[None, :] < torch.tensor(lengths)[:, None]
+    grad = torch.randn(q.shape).to(q.dtype) * kpm[:, None, :, None]  # no gradient into padded query rows
+    options = dict(causal=True, window=(9, None), softcap=6.0)
+
+    padded = [t.clone().requires_grad_() for t in (q, k, v)]
+    attention(*padded, key_padding_mask=kpm, **options).backward(grad)
+    packed = [pack(t, lengths).requires_grad_() for t in (q, k, v)]
+    cu = cu_seqlens(lengths)
+    out = attention_varlen(*packed, cu, cu, s, s, **options)
+    out.backward(pack(grad, lengths))
+
+    padded_out = attention(q, k, v, key_padding_mask=kpm, **options)
+    assert rel_err(out, pack(padded_out, lengths)) < 1e-3
+    for p, t in zip(packed, padded, strict=True):
+        assert rel_err(p.grad, pack(t.grad, lengths)) < 1e-3
+
+
+def test_varlen_unequal_lengths_matches_reference():
+    """Different q and k lengths per sequence: causal is bottom-right aligned within each sequence."""
+    lens_q, lens_k = [5, 17, 1], [9, 17, 30]
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(sum(lens_q), 4, 64, generator=gen, requires_grad=True)
+    k = torch.randn(sum(lens_k), 1, 64, generator=gen, requires_grad=True)
+    v = torch.randn(sum(lens_k), 1, 64, generator=gen, requires_grad=True)
+    cu_q, cu_k = cu_seqlens(lens_q), cu_seqlens(lens_k)
+    out = attention_varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=True)
+    grad = torch.randn(out.shape, generator=gen)
+    out.backward(grad)
+    for i in range(len(lens_q)):
+        qs, ks = slice(int(cu_q[i]), int(cu_q[i + 1])), slice(int(cu_k[i]), int(cu_k[i + 1]))
+        per_seq = [
+            t.detach()[s].transpose(0, 1)[None].double().requires_grad_() for t, s in ((q, qs), (k, ks), (v, ks))
+        ]
+        ref, _ = reference.attention(*per_seq, causal=True)
+        ref.backward(grad[qs].transpose(0, 1)[None].double())
+        assert rel_err(out[qs].transpose(0, 1)[None], ref) < 1e-4
+        for t, s, r in ((q, qs, per_seq[0]), (k, ks, per_seq[1]), (v, ks, per_seq[2])):
+            assert rel_err(t.grad[s].transpose(0, 1)[None], r.grad) < 1e-4
+
+
+def test_torch_compile_fullgraph_traces():
+    q, k, v = make_qkv(2, 4, 2, 19, 19, 32, torch.float32, seed=13)
+    kpm = torch.ones(2, 19, dtype=torch.bool)
+    kpm[1, 15:] = False
+    fn = lambda a, b, c: attention(a, b, c, causal=True, key_padding_mask=kpm, softcap=5.0)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    eager_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    comp_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    fn(*eager_leaves).sum().backward()
+    out = compiled(*comp_leaves)
+    out.sum().backward()
+    assert torch.equal(out, fn(q, k, v))
+    for a, b in zip(comp_leaves, eager_leaves, strict=True):
+        assert torch.equal(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("interpreter", [True, False])
+def test_strided_inputs(interpreter, monkeypatch):
+    """HF layout (q a (B, S, H, D) buffer seen as (B, H, S, D)) and a k with non-unit head-dim stride: same results;
+    the output keeps q's layout, which is what the fake implementation promises to torch.compile."""
+    if not interpreter:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v = make_qkv(2, 4, 2, 13, 13, 16, torch.float32, seed=19)
+    q_hf = q.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    k_odd = k.transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_()
+    v_leaf = v.clone().requires_grad_()
+    out = attention(q_hf, k_odd, v_leaf, causal=True)
+    out.backward(torch.ones_like(out))
+    assert out.stride() == q_hf.stride()
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref, _ = reference.attention(*leaves, causal=True)
+    ref.backward(torch.ones_like(ref))
+    for g, r in zip((out, q_hf.grad, k_odd.grad, v_leaf.grad), (ref, *(t.grad for t in leaves)), strict=True):
+        assert rel_err(g, r) < 1e-5
+
+
+def test_plain_pytorch_path_without_interpreter(monkeypatch):
+    """CPU tensors without TRITON_INTERPRET take the PyTorch path: same semantics, forward and backward."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v = make_qkv(3, 4, 2, 21, 30, 16, torch.float32, seed=17)
+    kpm = padding_mask("full", 3, 30)
+    got, ref = run_both(q, k, v, causal=True, key_padding_mask=kpm, window=(7, None), softcap=3.0)
+    for g, r in zip(got, ref, strict=True):
+        finite = torch.isfinite(r)
+        assert not g.isnan().any() and rel_err(g[finite], r[finite]) < 1e-5
+    lengths = [4, 21, 9]
+    packed = [pack(t, lengths).requires_grad_() for t in (q, k[:, :, :21], v[:, :, :21])]
+    cu = cu_seqlens(lengths)
+    out = attention_varlen(*packed, cu, cu, 21, 21, causal=True)
+    out.sum().backward()
+    kpm = torch.arange(21)[None, :] < torch.tensor(lengths)[:, None]
+    leaves = [t.clone().requires_grad_() for t in (q, k[:, :, :21], v[:, :, :21])]
+    ref_out = attention(*leaves, causal=True, key_padding_mask=kpm)
+    (ref_out * kpm[:, None, :, None]).sum().backward()
+    assert rel_err(out, pack(ref_out, lengths)) < 1e-5
+    for p, t in zip(packed, leaves, strict=True):
+        assert rel_err(p.grad, pack(t.grad, lengths)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        (dict(d=8), ValueError, "head dim 8"),
+        (dict(h=3), ValueError, "multiple"),
+        (dict(mask_shape=(2, 7)), ValueError, "key_padding_mask: expected shape"),
+        (dict(mask_dtype=torch.int64), TypeError, "key_padding_mask: expected a bool"),
+        (dict(k_dtype=torch.float16), TypeError, "share one dtype"),
+        (dict(q_dtype=torch.float64), TypeError, "q: dtype"),
+        (dict(window=(3,)), ValueError, "window"),
+        (dict(window=(-2, 0)), ValueError, "window: left"),
+        (dict(softcap=0.0), ValueError, "softcap"),
+        (dict(q_3d=True), ValueError, "q: expected a 4-D"),
+    ],
+)
+def test_bad_input_raises(change, error, match):
+    b, h, s, d = 2, change.get("h", 4), 9, change.get("d", 16)
+    q = torch.randn(b, h, s, d, dtype=change.get("q_dtype", torch.float32))
+    k = torch.randn(b, 2, s, d, dtype=change.get("k_dtype", torch.float32))
+    v = torch.randn(b, 2, s, d, dtype=change.get("k_dtype", torch.float32))
+    kpm = torch.ones(change.get("mask_shape", (b, s)), dtype=change.get("mask_dtype", torch.bool))
+    if change.get("q_3d"):
+        q = q[0]
+    with pytest.raises(error, match=match):
+        attention(q, k, v, key_padding_mask=kpm, window=change.get("window"), softcap=change.get("softcap"))
+
+
+def test_bad_varlen_input_raises():
+    q = torch.randn(10, 2, 16)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    with pytest.raises(ValueError, match="cu_seqlens_q: expected a 1-D int32"):
+        attention_varlen(q, q, q, cu.long(), cu, 6, 6)
+    with pytest.raises(ValueError, match="cu_seqlens_k: must rise from 0 to the packed length 10"):
+        attention_varlen(q, q, q, cu, torch.tensor([0, 4, 9], dtype=torch.int32), 6, 6)
+    with pytest.raises(ValueError, match="max_seqlen_q=5 is shorter"):
+        attention_varlen(q, q, q, cu, cu, 5, 6)
+    with pytest.raises(ValueError, match="sequence lengths must be >= 1"):
+        attention(q[None, :, :0], q[None, :, :0], q[None, :, :0])
+
+
+def test_varlen_with_empty_sequences():
+    """A sequence with no queries, and one with queries but no keys (zeros out, zero grads), next to a normal one."""
+    lens_q, lens_k = [0, 3, 7], [4, 0, 7]
+    gen = torch.Generator().manual_seed(23)
+    q = torch.randn(sum(lens_q), 2, 16, generator=gen, requires_grad=True)
+    k = torch.randn(sum(lens_k), 2, 16, generator=gen, requires_grad=True)
+    v = torch.randn(sum(lens_k), 2, 16, generator=gen, requires_grad=True)
+    out = attention_varlen(q, k, v, cu_seqlens(lens_q), cu_seqlens(lens_k), 7, 7)
+    out.sum().backward()
+    assert (out[:3] == 0).all() and (q.grad[:3] == 0).all() and (k.grad[:4] == 0).all()
+    ref, _ = reference.attention(*(t.detach()[None, s:].transpose(1, 2) for t, s in ((q, 3), (k, 4), (v, 4))))
+    assert rel_err(out[3:], ref[0].transpose(0, 1)) < 1e-6
+    assert not (q.grad.isnan().any() or k.grad.isnan().any() or v.grad.isnan().any())
+
+
+def test_gpu_tile_pruning_for_wide_heads():
+    """The autotuner hands BLOCK_D in kwargs (not named_args): wide heads keep only small tiles, others keep all."""
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}) for m, n, _, _ in attention_fwd._FWD_SHAPES]
+    wide = attention_fwd.prune_for_head_dim(configs, {"q_ptr": None}, BLOCK_D=256)
+    assert wide and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 for c in wide)
+    assert len(wide) < len(configs)
+    assert attention_fwd.prune_for_head_dim(configs, {"q_ptr": None}, BLOCK_D=128) == configs
