@@ -18,10 +18,10 @@ from __future__ import annotations
 import os
 
 import torch
-from fastllm.kernels.attention_bwd import attention_backward
-from fastllm.kernels.attention_fwd import AttentionLaunch, attention_forward
 
 from fastllm import reference
+from fastllm.kernels.attention_bwd import attention_backward
+from fastllm.kernels.attention_fwd import AttentionLaunch, attention_forward
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 96, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

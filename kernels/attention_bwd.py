@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from fastllm.kernels.attention_fwd import (
     INTERPRETING,
     AttentionLaunch,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import triton
-from fastllm.kernels import attention_fwd
-from fastllm.kernels.attention import attention, attention_varlen
 
 from fastllm import reference
+from fastllm.kernels import attention_fwd
+from fastllm.kernels.attention import attention, attention_varlen
 
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 

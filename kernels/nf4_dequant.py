@@ -1,0 +1,217 @@
+"""NF4 dequantization in registers (shared by the matmul kernels) and the dense dequantize launcher.
+
+Format (see ``fastllm.nf4``): W (N, K) row-major, flattened, in blocks of ``blocksize`` elements;
+element (n, k) is nibble ``k % 2`` of byte ``n * K/2 + k // 2`` (even k in the high nibble) and
+belongs to block ``(n * K + k) // blocksize = n * (K / blocksize) + k // blocksize`` (K is a
+multiple of blocksize, so a block never straddles two rows). Its value is
+``NF4[code] * scale[block]`` with ``scale = absmax`` (fp32), or with double quantization
+``scale = DYNAMIC[absmax_code] * nested_absmax[block // 256] + offset``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from fastllm.codebook import NESTED_BLOCKSIZE, dynamic_map, nf4_code
+from fastllm.nf4 import FLOAT_DTYPES, NF4Weight
+
+# Double quantization groups this many absmax codes under one nested fp32 scale.
+_NESTED = tl.constexpr(NESTED_BLOCKSIZE)
+
+# Triton decides at decoration time whether kernels run compiled (GPU) or in the CPU interpreter.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def uses_triton(device: torch.device) -> bool:
+    """True when tensors on ``device`` go through the Triton kernels (CUDA, or CPU under the interpreter)."""
+    return device.type == "cuda" or (device.type == "cpu" and INTERPRET)
+
+
+@functools.cache
+def code_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(NF4 table fp32 (16,), dynamic 8-bit map fp32 (256,)) on ``device``, built once per device."""
+    return nf4_code(device), dynamic_map(device)
+
+
+def scale_args(
+    absmax: torch.Tensor, nested_absmax: torch.Tensor | None, offset: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Kernel arguments (absmax, nested, offset, nf4 table, dynamic map, double_quant) with placeholders.
+
+    Without double quantization the nested/offset pointers are never read; ``absmax`` stands in.
+    """
+    code, dmap = code_tables(absmax.device)
+    if nested_absmax is None:
+        return absmax, absmax, absmax, code, dmap, False
+    return absmax, nested_absmax, offset, code, dmap, True
+
+
+@triton.jit
+def _block_scale(absmax_ptr, nested_ptr, offset_ptr, dmap_ptr, blk, mask, DOUBLE_QUANT: tl.constexpr):
+    # Scale of each block index in ``blk`` (any shape), fp32. With double quantization the stored
+    # absmax is an 8-bit code q: scale = DYNAMIC[q] * nested_absmax[blk // _NESTED] + offset.
+    if DOUBLE_QUANT:
+        q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+        nested = tl.load(nested_ptr + blk // _NESTED, mask=mask, other=0.0)
+        return tl.load(dmap_ptr + q) * nested + tl.load(offset_ptr)
+    else:
+        return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+
+
+@triton.jit
+def dequant_tile(
+    data_ptr,
+    absmax_ptr,
+    nested_ptr,
+    offset_ptr,
+    dmap_ptr,
+    code_ptr,
+    offs_n,
+    k0,
+    N,
+    K,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+):
+    """fp32 tile W[offs_n, k0 : k0 + BLOCK_K] of shape (BLOCK_N, BLOCK_K); zero outside W.
+
+    ``k0`` must be a multiple of BLOCK_K (so the tile is aligned with the quantization blocks).
+    """
+    n_mask = offs_n < N
+    # Packed bytes: row n holds K/2 bytes; the tile covers bytes k0/2 .. k0/2 + BLOCK_K/2 of each row.
+    # Each byte is read once; out-of-range bytes read as 0x77 (two codes of the value 0.0).
+    offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    byte_mask = n_mask[:, None] & (offs_b < K // 2)[None, :]
+    packed = tl.load(data_ptr + offs_n[:, None] * (K // 2) + offs_b[None, :], mask=byte_mask, other=0x77)
+    packed = packed.to(tl.int32)
+    # Split the nibbles and interleave them back into k order: column 2j is the high nibble of
+    # byte j, column 2j + 1 its low nibble (join adds a trailing axis of 2, reshape flattens it).
+    codes = tl.reshape(tl.join(packed >> 4, packed & 0xF), (BLOCK_N, BLOCK_K))
+    # Look the 16-entry NF4 table up (it stays in L1).
+    values = tl.load(code_ptr + codes)
+    blocks_per_row = K // BLOCKSIZE
+    if BLOCK_K <= BLOCKSIZE:
+        # The tile lies inside one quantization block per row: one scale per row.
+        blk = offs_n * blocks_per_row + k0 // BLOCKSIZE
+        scale = _block_scale(absmax_ptr, nested_ptr, offset_ptr, dmap_ptr, blk, n_mask, DOUBLE_QUANT)
+        return values * scale[:, None]
+    else:
+        # The tile spans BLOCK_K / BLOCKSIZE whole blocks per row: view it as (BLOCK_N, groups,
+        # BLOCKSIZE) and scale each group by its block's scale.
+        groups = k0 // BLOCKSIZE + tl.arange(0, BLOCK_K // BLOCKSIZE)
+        blk = offs_n[:, None] * blocks_per_row + groups[None, :]
+        blk_mask = n_mask[:, None] & (groups < blocks_per_row)[None, :]
+        scale = _block_scale(absmax_ptr, nested_ptr, offset_ptr, dmap_ptr, blk, blk_mask, DOUBLE_QUANT)
+        grouped = tl.reshape(values, (BLOCK_N, BLOCK_K // BLOCKSIZE, BLOCKSIZE)) * scale[:, :, None]
+        return tl.reshape(grouped, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _dequantize_kernel(
+    data_ptr,
+    absmax_ptr,
+    nested_ptr,
+    offset_ptr,
+    dmap_ptr,
+    code_ptr,
+    out_ptr,
+    N,
+    K,
+    BLOCKSIZE: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # One program writes one (BLOCK_N, BLOCK_K) tile of the dense weight.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    w = dequant_tile(
+        data_ptr,
+        absmax_ptr,
+        nested_ptr,
+        offset_ptr,
+        dmap_ptr,
+        code_ptr,
+        offs_n,
+        pid_k * BLOCK_K,
+        N,
+        K,
+        BLOCK_N,
+        BLOCK_K,
+        BLOCKSIZE,
+        DOUBLE_QUANT,
+    )
+    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    out = out_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
+    tl.store(out, w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def check_weight(w: NF4Weight) -> tuple[int, int]:
+    """(N, K) of a 2-D NF4 weight whose K is a multiple of its blocksize; ValueError/TypeError otherwise."""
+    if not isinstance(w, NF4Weight):
+        raise TypeError(f"w must be a fastllm.nf4.NF4Weight, got {type(w).__name__}")
+    if len(w.shape) != 2:
+        raise ValueError(f"w must be a 2-D weight (N, K), got shape {tuple(w.shape)}")
+    n, k = w.shape
+    if k % w.blocksize:
+        raise ValueError(
+            f"w: K={k} (in_features) must be a multiple of blocksize={w.blocksize} for the NF4 matmul kernels"
+        )
+    # The kernels index the packed bytes and scales directly: their sizes and dtypes must match.
+    if w.data.dtype != torch.uint8 or w.data.numel() != n * k // 2:
+        raise ValueError(
+            f"w.data must be uint8 with N*K/2 = {n * k // 2} bytes, got {w.data.dtype} {tuple(w.data.shape)}"
+        )
+    absmax_dtype = torch.uint8 if w.double_quant else torch.float32
+    if w.absmax.dtype != absmax_dtype or w.absmax.numel() != n * k // w.blocksize:
+        raise ValueError(
+            f"w.absmax must be {absmax_dtype} with N*K/blocksize = {n * k // w.blocksize} entries, "
+            f"got {w.absmax.dtype} {tuple(w.absmax.shape)}"
+        )
+    return n, k
+
+
+def nf4_dequantize(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The dense weight (N, K) in ``dtype`` (default ``w.dtype``), computed as NF4 * scale in fp32.
+
+    Runs the Triton kernel on CUDA (and on CPU under ``TRITON_INTERPRET=1``), else ``w.dequantize``.
+    K must be a multiple of ``w.blocksize``.
+    """
+    dtype = dtype or w.dtype
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    n, k = check_weight(w)
+    if not uses_triton(w.device):
+        return w.dequantize(dtype)
+    out = torch.empty((n, k), dtype=dtype, device=w.device)
+    absmax, nested, offset, code, dmap, double_quant = scale_args(w.absmax, w.nested_absmax, w.offset)
+    block_n, block_k = 32, 64
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+    # No FMA contraction: the nested scale DYNAMIC[q] * nested + offset rounds twice, as in the reference,
+    # so the output is bit-identical to fastllm.reference.dequantize_nf4.
+    _dequantize_kernel[grid](
+        w.data.contiguous(),
+        absmax.contiguous(),
+        nested,
+        offset,
+        dmap,
+        code,
+        out,
+        n,
+        k,
+        w.blocksize,
+        double_quant,
+        block_n,
+        block_k,
+        enable_fp_fusion=False,
+    )
+    return out

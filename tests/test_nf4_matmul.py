@@ -1,0 +1,241 @@
+"""NF4 dequantize-matmul kernels (fastllm.kernels.nf4_matmul) against fastllm.reference in fp64.
+
+Without a GPU the Triton kernels run in the interpreter (tests/conftest.py sets TRITON_INTERPRET=1);
+there tl.dot is only trusted in fp16/fp32, so bf16 is checked on the CPU (C++/torch) path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fastllm import nf4, reference
+from fastllm.kernels import nf4_dequant, nf4_dequantize, nf4_matmul, nf4_matmul_t
+from fastllm.kernels.nf4_matmul import cpu_forward
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float32: 1e-5}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in fp64."""
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def make_weight(n: int, k: int, blocksize: int, double_quant: bool, seed: int) -> nf4.NF4Weight:
+    gen = torch.Generator().manual_seed(seed)
+    return nf4.quantize(torch.randn(n, k, generator=gen), blocksize, double_quant).to(DEVICE)
+
+
+def check_forward_backward(lead: tuple[int, ...], n: int, w: nf4.NF4Weight, dtype: torch.dtype, use_bias: bool):
+    """nf4_matmul forward, grad_x and grad_bias against fp64 reference math on the dequantized weight."""
+    k, device = w.shape[1], w.device
+    dense = w.dequantize(torch.float32)
+    x = torch.randn(*lead, k, device=device).to(dtype).requires_grad_()
+    bias = torch.randn(n, device=device).to(dtype).requires_grad_() if use_bias else None
+    y = nf4_matmul(x, w, bias)
+    assert y.shape == (*lead, n) and y.dtype == dtype
+    ref = reference.linear(x.detach(), dense, None if bias is None else bias.detach())
+    assert rel_err(y, ref) < TOL[dtype], f"forward rel err {rel_err(y, ref):.2e}"
+
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    grad_x_ref = grad_y.double() @ dense.double()
+    assert x.grad.dtype == dtype
+    assert rel_err(x.grad, grad_x_ref) < TOL[dtype], f"grad_x rel err {rel_err(x.grad, grad_x_ref):.2e}"
+    if use_bias:
+        grad_b_ref = grad_y.double().reshape(-1, n).sum(0)
+        assert rel_err(bias.grad, grad_b_ref) < TOL[dtype], f"grad_bias rel err {rel_err(bias.grad, grad_b_ref):.2e}"
+
+
+# Leading dims of x: M = 1, 3, 16 (split-K decode kernel), 17 and 2 x 65 = 130 (tiled GEMM).
+LEADS = [(1,), (3,), (16,), (1, 17), (2, 65)]
+# (blocksize, N, K): N never a multiple of a tile; K = 96 is not a multiple of the 64-wide K tile.
+SHAPES = [(32, 97, 96), (64, 75, 192), (128, 130, 128)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("lead", LEADS, ids=str)
+@pytest.mark.parametrize("blocksize,n,k", SHAPES)
+def test_matmul_forward_backward(lead, blocksize, n, k, dtype):
+    for seed, (double_quant, use_bias) in enumerate(itertools.product([False, True], [False, True])):
+        w = make_weight(n, k, blocksize, double_quant, seed)
+        check_forward_backward(lead, n, w, dtype, use_bias)
+
+
+def test_matmul_many_row_tiles():
+    # 300 rows = 10 row tiles of the interpreter's GEMM config: two bands of the grouped launch order.
+    w = make_weight(97, 96, 32, True, seed=5)
+    check_forward_backward((3, 100), 97, w, torch.float16, use_bias=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_matmul_t_matches_reference_and_is_differentiable(dtype):
+    w = make_weight(83, 192, 64, True, seed=7)
+    dense = w.dequantize(torch.float32).double()
+    grad_y = torch.randn(2, 9, 83, device=DEVICE).to(dtype).requires_grad_()
+    out = nf4_matmul_t(grad_y, w)
+    assert out.shape == (2, 9, 192) and out.dtype == dtype
+    assert rel_err(out, grad_y.detach().double() @ dense) < TOL[dtype]
+    # grad_y @ W is linear in grad_y: its own gradient is upstream @ W^T.
+    upstream = torch.randn_like(out)
+    out.backward(upstream)
+    assert rel_err(grad_y.grad, upstream.double() @ dense.T) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("blocksize", [32, 128])
+def test_dequantize_matches_reference_bit_for_bit(blocksize, double_quant, dtype):
+    w = make_weight(37, blocksize * 3, blocksize, double_quant, seed=blocksize)
+    out = nf4_dequantize(w, dtype)
+    ref = reference.dequantize_nf4(
+        w.data.cpu(),
+        w.absmax.cpu(),
+        None if w.nested_absmax is None else w.nested_absmax.cpu(),
+        None if w.offset is None else w.offset.cpu(),
+        blocksize,
+        w.shape,
+        dtype,
+    )
+    assert out.dtype == dtype and out.shape == w.shape
+    assert torch.equal(out.cpu(), ref)
+
+
+@pytest.fixture
+def cpu_path(monkeypatch):
+    """Route CPU tensors to the C++ / torch path, as on a machine without TRITON_INTERPRET."""
+    monkeypatch.setattr(nf4_dequant, "INTERPRET", False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("lead", [(1,), (5,), (16,), (3, 13)], ids=str)
+def test_cpu_path_forward_backward(cpu_path, lead, dtype):
+    # M <= 16 uses fastllm::nf4_gemv when the extension has it (dequantize + matmul otherwise).
+    for seed, double_quant in enumerate([False, True]):
+        w = nf4.quantize(torch.randn(70, 128, generator=torch.Generator().manual_seed(seed)), 64, double_quant)
+        x = torch.randn(*lead, 128).to(dtype)
+        y = cpu_forward(x.reshape(-1, 128), w.data, w.absmax, w.nested_absmax, w.offset, None, 64, 70)
+        assert y.dtype == dtype
+        assert rel_err(y, reference.linear(x.reshape(-1, 128), w.dequantize(torch.float32))) < TOL[dtype]
+        check_forward_backward(lead, 70, w, dtype, use_bias=True)
+
+
+class _NF4Block(torch.nn.Module):
+    def __init__(self, w: nf4.NF4Weight, n: int):
+        super().__init__()
+        self.w = w
+        self.bias = torch.nn.Parameter(torch.randn(n, device=DEVICE))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.silu(nf4_matmul(x, self.w, self.bias)) * 0.5
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    block = _NF4Block(make_weight(80, 128, 64, True, seed=3), 80)
+    x = torch.randn(2, 7, 128, device=DEVICE, requires_grad=True)
+    eager = block(x)
+    eager.sum().backward()
+    grads_eager = (x.grad.clone(), block.bias.grad.clone())
+    x.grad = block.bias.grad = None
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.sum().backward()
+    assert rel_err(out, eager) < 1e-6
+    assert rel_err(x.grad, grads_eager[0]) < 1e-6
+    assert rel_err(block.bias.grad, grads_eager[1]) < 1e-6
+    explain = torch._dynamo.explain(block)(x)
+    assert explain.graph_break_count == 0 and explain.graph_count == 1
+
+
+@pytest.fixture(scope="module")
+def weight():
+    return make_weight(48, 128, 64, False, seed=11)
+
+
+def test_rejects_in_features_mismatch(weight):
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 128\)"):
+        nf4_matmul(torch.randn(4, 96, device=DEVICE), weight)
+    with pytest.raises(ValueError, match=r"grad_y must have shape \(\.\.\., 48\)"):
+        nf4_matmul_t(torch.randn(4, 128, device=DEVICE), weight)
+
+
+def test_rejects_k_not_multiple_of_blocksize():
+    w = make_weight(16, 100, 64, True, seed=0)
+    with pytest.raises(ValueError, match="K=100 .* multiple of blocksize=64"):
+        nf4_matmul(torch.randn(2, 100, device=DEVICE), w)
+    with pytest.raises(ValueError, match="K=100 .* multiple of blocksize=64"):
+        nf4_dequantize(w, torch.float32)
+
+
+def test_rejects_bad_bias(weight):
+    x = torch.randn(3, 128, device=DEVICE)
+    with pytest.raises(ValueError, match=r"bias must have shape \(48,\), dtype torch.float32"):
+        nf4_matmul(x, weight, torch.randn(48, device=DEVICE, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"bias must have shape \(48,\)"):
+        nf4_matmul(x, weight, torch.randn(47, device=DEVICE))
+
+
+def test_rejects_inconsistent_weight_tensors(weight):
+    x = torch.randn(2, 128, device=DEVICE)
+    with pytest.raises(ValueError, match=r"w.data must be uint8 with N\*K/2 = 3072 bytes"):
+        nf4_matmul(x, dataclasses.replace(weight, data=weight.data[:-2]))
+    with pytest.raises(ValueError, match=r"w.absmax must be torch.float32 with N\*K/blocksize = 96 entries"):
+        nf4_matmul(x, dataclasses.replace(weight, absmax=weight.absmax[:90]))
+
+
+def test_rejects_non_float_input_and_non_nf4_weight(weight):
+    with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16, got torch.int64"):
+        nf4_matmul(torch.ones(2, 128, dtype=torch.int64, device=DEVICE), weight)
+    with pytest.raises(TypeError, match="w must be a fastllm.nf4.NF4Weight"):
+        nf4_matmul(torch.randn(2, 128, device=DEVICE), torch.randn(48, 128))
+    with pytest.raises(TypeError, match="dtype must be float32, float16 or bfloat16"):
+        nf4_dequantize(weight, torch.int32)
+
+
+# Compiles (no launch) each kernel for sm_90 with Triton's real code generator, which the interpreter
+# never runs: catches constructs the GPU compiler rejects. bf16 is included (untestable in the interpreter).
+_SM90_COMPILE = textwrap.dedent(
+    """
+    import importlib, itertools, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    mm = importlib.import_module("fastllm.kernels.nf4_matmul")
+    dq = importlib.import_module("fastllm.kernels.nf4_dequant")
+    target = GPUTarget("cuda", 90, 32)
+    scales = {"data_ptr": "*u8", "absmax_ptr": "*u8", "nested_ptr": "*fp32", "offset_ptr": "*fp32",
+              "dmap_ptr": "*fp32", "code_ptr": "*fp32"}
+    ints = {"M": "i32", "N": "i32", "K": "i32", "M_BUCKET": "i32"}
+    for dt, (bm, bn, bk, sk) in itertools.product(["fp16", "bf16"], [(16, 64, 128, 4), (128, 128, 32, 1)]):
+        const = {"BLOCKSIZE": 64, "DOUBLE_QUANT": True, "DOT_FP32": False, "DOT_PRECISION": None,
+                 "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}
+        fwd = {"x_ptr": f"*{dt}", **scales, "bias_ptr": f"*{dt}", "out_ptr": "*fp32" if sk > 1 else f"*{dt}", **ints}
+        fwd.update({name: "constexpr" for name in ["HAS_BIAS", *const]})
+        triton.compile(ASTSource(mm._forward_kernel, fwd, {"HAS_BIAS": True, **const}), target=target)
+        bwd = {"grad_ptr": f"*{dt}", **scales, "out_ptr": f"*{dt}", **ints, **{name: "constexpr" for name in const}}
+        triton.compile(ASTSource(mm._backward_kernel, bwd, {**const, "SPLIT_K": 1}), target=target)
+    deq = {**scales, "out_ptr": "*bf16", "N": "i32", "K": "i32"}
+    deq_const = {"BLOCKSIZE": 64, "DOUBLE_QUANT": True, "BLOCK_N": 32, "BLOCK_K": 64}
+    deq.update({name: "constexpr" for name in deq_const})
+    triton.compile(ASTSource(dq._dequantize_kernel, deq, deq_const), target=target, options={"enable_fp_fusion": False})
+    print("compiled")
+    """
+)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels are compiled and run by the tests above")
+def test_kernels_compile_for_sm90():
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
