@@ -1,0 +1,222 @@
+"""``LoraLinear``: a frozen base linear (NF4 or dense) plus a trainable low-rank update.
+
+    y = x @ W^T + b + scale * (dropout(x) @ A^T) @ B^T,   A (r, in), B (out, r), scale = alpha / r
+    (alpha / sqrt(r) with rsLoRA).
+
+The whole layer is one ``torch.autograd.Function``. It saves x, the dropout mask (bool), the small
+(..., r) activation and the frozen weight's own tensors (the packed NF4 bytes, never a dense copy);
+backward recomputes W on the fly in the fused ``grad_y @ W`` kernel:
+
+    grad_B = scale * grad_y^T @ h                       h = dropout(x) @ A^T   (..., r)
+    grad_h = scale * grad_y @ B                                                (..., r)
+    grad_A = grad_h^T @ dropout(x)
+    grad_x = grad_y @ W + dropout'(grad_h @ A)          dropout' multiplies by mask / keep
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fastllm.nf4 import NF4Weight
+from fastllm.nn.linear_nf4 import LinearNF4, compute_dtype_for, nf4_linear, nf4_linear_t
+
+LORA_INITS = ("kaiming", "gaussian")
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' ``Conv1D`` (GPT-2): weight stored transposed, (in_features, out_features)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return False
+    return isinstance(module, Conv1D)
+
+
+def _base_weight(
+    meta: tuple | None,
+    data: torch.Tensor,
+    absmax: torch.Tensor | None,
+    nested_absmax: torch.Tensor | None,
+    offset: torch.Tensor | None,
+) -> NF4Weight | torch.Tensor:
+    # meta is None for a dense base (``data`` is the (N, K) weight), else (blocksize, shape, dtype) of NF4.
+    if meta is None:
+        return data
+    blocksize, shape, dtype = meta
+    return NF4Weight(data, absmax, blocksize, shape, dtype, nested_absmax, offset)
+
+
+def _base_matmul(x: torch.Tensor, w: NF4Weight | torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if isinstance(w, NF4Weight):
+        return nf4_linear(x, w, bias)
+    return torch.nn.functional.linear(x, w.to(x.dtype), bias)
+
+
+def _base_matmul_t(grad_y: torch.Tensor, w: NF4Weight | torch.Tensor) -> torch.Tensor:
+    # grad_y @ W, fused dequantize-matmul for NF4 (W never materialized on the kernel paths).
+    if isinstance(w, NF4Weight):
+        return nf4_linear_t(grad_y, w)
+    return grad_y @ w.to(grad_y.dtype)
+
+
+class _LoraLinearFunction(torch.autograd.Function):
+    """y = base(x) + scale * (dropout(x) @ A^T) @ B^T with a hand-written backward (see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, bias, mask, scale, keep, meta, data, absmax, nested_absmax, offset):
+        w = _base_weight(meta, data, absmax, nested_absmax, offset)
+        xd = x if mask is None else x * mask.to(x.dtype) / keep
+        h = xd @ lora_a.t()
+        y = _base_matmul(x, w, bias) + (h @ lora_b.t()) * scale
+        ctx.save_for_backward(x, mask, h, lora_a, lora_b, data, absmax, nested_absmax, offset)
+        ctx.scale, ctx.keep, ctx.meta = scale, keep, meta
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, mask, h, lora_a, lora_b, data, absmax, nested_absmax, offset = ctx.saved_tensors
+        need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
+        grad_y2 = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_h = (grad_y @ lora_b) * ctx.scale
+        grad_x = grad_a = grad_b = grad_bias = None
+        if need_b:
+            grad_b = (grad_y2.t() @ h.reshape(-1, h.shape[-1])) * ctx.scale
+        if need_a:
+            xd = x if mask is None else x * mask.to(x.dtype) / ctx.keep
+            grad_a = grad_h.reshape(-1, grad_h.shape[-1]).t() @ xd.reshape(-1, xd.shape[-1])
+        if need_x:
+            grad_lora_x = grad_h @ lora_a
+            if mask is not None:
+                grad_lora_x = grad_lora_x * mask.to(grad_lora_x.dtype) / ctx.keep
+            w = _base_weight(ctx.meta, data, absmax, nested_absmax, offset)
+            grad_x = _base_matmul_t(grad_y, w) + grad_lora_x
+        if need_bias:
+            grad_bias = grad_y2.sum(0)
+        return grad_x, grad_a, grad_b, grad_bias, None, None, None, None, None, None, None, None
+
+
+class LoraLinear(nn.Module):
+    """A frozen linear layer with a trainable LoRA update; x (..., in_features) -> (..., out_features).
+
+    Args:
+        base_layer: the frozen base, a :class:`LinearNF4` or a dense ``nn.Linear`` (its parameters
+            are set to requires_grad=False).
+        r: rank (> 0).
+        alpha: LoRA alpha (> 0); scale = alpha / r, or alpha / sqrt(r) when ``use_rslora``.
+        dropout: dropout probability on the LoRA branch's input, in [0, 1).
+        use_rslora: rank-stabilized scaling.
+        init: "kaiming" (A ~ kaiming-uniform with a=sqrt(5), as PEFT) or "gaussian" (A ~ N(0, 1/r^2));
+            B starts at zero, so the layer starts equal to its base.
+        fan_in_fan_out: the layer replaced a transformers ``Conv1D`` (merging gives a Conv1D back).
+        lora_dtype: dtype of A and B (fp32 default; cast to the compute dtype in forward).
+    """
+
+    def __init__(
+        self,
+        base_layer: LinearNF4 | nn.Linear,
+        r: int = 16,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        fan_in_fan_out: bool = False,
+        lora_dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        check_lora_args(r, alpha, dropout)
+        if not isinstance(base_layer, (LinearNF4, nn.Linear)):
+            raise TypeError(f"base_layer must be a LinearNF4 or nn.Linear, got {type(base_layer).__name__}")
+        if init not in LORA_INITS:
+            raise ValueError(f"init must be one of {LORA_INITS}, got {init!r}")
+        base_layer.requires_grad_(False)
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, dropout, use_rslora
+        self.fan_in_fan_out = fan_in_fan_out
+        device = base_layer.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=lora_dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=lora_dtype, device=device))
+        if init == "kaiming":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        else:
+            nn.init.normal_(self.lora_A, std=1 / r)
+
+    @property
+    def scaling(self) -> float:
+        """The factor of the LoRA branch: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        return getattr(self.base_layer, "compute_dtype", None)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Module,
+        r: int = 16,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        quantize: bool = True,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        init: str = "kaiming",
+    ) -> LoraLinear:
+        """Wrap a dense ``nn.Linear`` or transformers ``Conv1D``: quantized to NF4, or frozen as is.
+
+        A Conv1D's (in, out) weight is transposed to (out, in) first (``fan_in_fan_out=True``).
+        """
+        check_lora_args(r, alpha, dropout)
+        conv1d = is_conv1d(linear)
+        if conv1d:
+            dense = nn.Linear(linear.nx, linear.nf, device=linear.weight.device, dtype=linear.weight.dtype)
+            with torch.no_grad():
+                dense.weight.copy_(linear.weight.t())
+                dense.bias.copy_(linear.bias)
+        elif isinstance(linear, nn.Linear):
+            dense = linear
+        else:
+            raise TypeError(f"linear must be an nn.Linear or transformers Conv1D, got {type(linear).__name__}")
+        base = LinearNF4.from_linear(dense, blocksize, double_quant, compute_dtype) if quantize else dense
+        return cls(base, r, alpha, dropout, use_rslora, init, fan_in_fan_out=conv1d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        dtype, autocast = compute_dtype_for(x, self.compute_dtype)
+        xc = x.to(dtype)
+        mask = None
+        if self.training and self.dropout > 0:
+            # Same random stream as F.dropout(x) (as PEFT's nn.Dropout draws it), kept as a bool mask.
+            mask = torch.nn.functional.dropout(torch.ones_like(xc), self.dropout, training=True) != 0
+        if isinstance(base, LinearNF4):
+            meta = (base.blocksize, torch.Size((base.out_features, base.in_features)), base.weight_dtype)
+            w = (base.weight.reshape(-1), base.absmax, base.nested_absmax, base.offset)
+        else:
+            meta, w = None, (base.weight, None, None, None)
+        bias = None if base.bias is None else base.bias.to(dtype)
+        y = _LoraLinearFunction.apply(
+            xc, self.lora_A.to(dtype), self.lora_B.to(dtype), bias, mask, self.scaling, 1.0 - self.dropout, meta, *w
+        )
+        return y if autocast else y.to(x.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * B @ A in fp32, shape (out_features, in_features)."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}, use_rslora={self.use_rslora}"
+
+
+def check_lora_args(r: int, alpha: float, dropout: float) -> None:
+    """Raise ValueError unless r is a positive int, alpha > 0 and 0 <= dropout < 1."""
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"r (LoRA rank) must be a positive integer, got {r!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
+        raise ValueError(f"alpha (LoRA alpha) must be a number > 0, got {alpha!r}")
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")

@@ -1,0 +1,142 @@
+"""``prepare_qlora``: quantize a model's linear layers to NF4 and attach LoRA adapters, in place."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fastllm.nn.lora import LoraLinear, check_lora_args, is_conv1d
+
+# Path components of modules left dense and frozen by default: vision towers and multimodal projectors.
+DEFAULT_SKIP_MODULES: tuple[str, ...] = (
+    "vision_tower",
+    "vision_model",
+    "visual",
+    "multi_modal_projector",
+    "mm_projector",
+)
+
+
+def _is_bnb_nf4(module: nn.Module) -> bool:
+    # Imported lazily: bitsandbytes is optional, and a model can only hold its layers if it is loaded.
+    from fastllm.integrations.bnb import is_bnb_linear4bit
+
+    return is_bnb_linear4bit(module)
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def _skipped(name: str, skip: set[str]) -> bool:
+    parts = name.split(".")
+    return any(".".join(parts[i:j]) in skip for i in range(len(parts)) for j in range(i + 1, len(parts) + 1))
+
+
+def find_targets(
+    model: nn.Module,
+    target_modules: str | Iterable[str] = "all-linear",
+    skip_modules: Iterable[str] | None = None,
+) -> list[str]:
+    """Names of the modules :func:`prepare_qlora` would replace (see there for the matching rules)."""
+    skip = set(DEFAULT_SKIP_MODULES if skip_modules is None else skip_modules)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        pattern = re.compile(target_modules)
+        wanted = lambda name: pattern.fullmatch(name) is not None
+    elif isinstance(target_modules, str):
+        wanted = lambda name: True
+    else:
+        suffixes = list(target_modules)
+        if not all(isinstance(s, str) for s in suffixes):
+            raise TypeError(f"target_modules must be 'all-linear', a regex string or a list of str, got {suffixes!r}")
+        wanted = lambda name: any(name == s or name.endswith("." + s) for s in suffixes)
+    names, inside_lora = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear):
+            inside_lora.append(name + ".")
+        if any(name.startswith(p) for p in inside_lora) or not (_is_linear_like(module) or _is_bnb_nf4(module)):
+            continue
+        if module is head or _skipped(name, skip) or not wanted(name):
+            continue
+        names.append(name)
+    return names
+
+
+def prepare_qlora(
+    model: nn.Module,
+    r: int = 16,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    target_modules: str | Iterable[str] = "all-linear",
+    skip_modules: Iterable[str] | None = None,
+    use_rslora: bool = False,
+    compute_dtype: torch.dtype | None = None,
+    blocksize: int = 64,
+    double_quant: bool = True,
+    progress: bool = True,
+) -> nn.Module:
+    """Replace the targeted linear layers of ``model`` by :class:`LoraLinear` over NF4, in place.
+
+    Targets: ``nn.Linear``, transformers ``Conv1D`` (GPT-2) and bitsandbytes ``Linear4bit`` (nf4; its
+    bytes are reused, not re-quantized).
+
+    Args:
+        target_modules: "all-linear" (every linear except ``model.get_output_embeddings()``), a list
+            of name suffixes (``"q_proj"`` matches ``...self_attn.q_proj``), or a regex that must match
+            the full module name (``re.fullmatch``).
+        skip_modules: module names or dotted path fragments never touched (default
+            ``DEFAULT_SKIP_MODULES``: vision towers and multimodal projectors stay dense).
+        r, alpha, dropout, use_rslora: LoRA hyper-parameters (r > 0, alpha > 0, 0 <= dropout < 1).
+        compute_dtype: matmul dtype of the quantized layers (None: the input's dtype).
+        blocksize, double_quant: NF4 format (bitsandbytes' defaults: 64, True).
+        progress: show a tqdm bar while quantizing.
+
+    Returns:
+        ``model``; afterwards only the LoRA A/B matrices have requires_grad=True.
+
+    Raises ValueError for bad hyper-parameters or when nothing matches (listing the linear layers
+    that exist). On any error the model is left exactly as it was: every replacement is built
+    before the first one is swapped in.
+    """
+    check_lora_args(r, alpha, dropout)
+    names = find_targets(model, target_modules, skip_modules)
+    if not names:
+        linears = [n for n, m in model.named_modules() if _is_linear_like(m) or _is_bnb_nf4(m)]
+        raise ValueError(
+            f"target_modules={target_modules!r} (skip_modules={skip_modules!r}) matched no module; "
+            f"linear layers in the model: {linears or [n for n, _ in model.named_modules() if n]}"
+        )
+    replacements = {}
+    for name in tqdm(names, desc="fastllm: quantizing to NF4", unit="layer", disable=not progress):
+        replacements[name] = _make_lora(
+            model.get_submodule(name), r, alpha, dropout, use_rslora, compute_dtype, blocksize, double_quant
+        )
+    for name, new in replacements.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new)
+    for pname, param in model.named_parameters():
+        param.requires_grad_(pname.endswith((".lora_A", ".lora_B")))
+    return model
+
+
+def _make_lora(
+    module: nn.Module,
+    r: int,
+    alpha: float,
+    dropout: float,
+    use_rslora: bool,
+    compute_dtype: torch.dtype | None,
+    blocksize: int,
+    double_quant: bool,
+) -> LoraLinear:
+    if _is_bnb_nf4(module):
+        from fastllm.integrations.bnb import linear_nf4_from_bnb
+
+        base = linear_nf4_from_bnb(module, compute_dtype)
+        return LoraLinear(base, r, alpha, dropout, use_rslora)
+    return LoraLinear.from_linear(module, r, alpha, dropout, use_rslora, True, blocksize, double_quant, compute_dtype)

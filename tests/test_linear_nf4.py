@@ -1,0 +1,146 @@
+"""LinearNF4: bitsandbytes-identical state dict (both directions), forward/backward vs the fp64 reference."""
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from torch import nn
+
+from fastllm import LinearNF4, reference
+from fastllm.nf4 import quantize
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def bnb_layer(linear: nn.Linear, double_quant: bool = True) -> bnb.nn.Linear4bit:
+    """A bitsandbytes Linear4bit (nf4, uint8 storage) holding ``linear``'s weight, quantized on the CPU."""
+    layer = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        quant_type="nf4",
+        compress_statistics=double_quant,
+        quant_storage=torch.uint8,
+    )
+    layer.weight.data = linear.weight.detach().clone()  # keeps the dtype (bf16 stays bf16)
+    if linear.bias is not None:
+        layer.bias.data = linear.bias.detach().clone()
+    return layer.to("cpu")  # bitsandbytes quantizes when the layer moves to a device
+
+
+@pytest.mark.parametrize(
+    "in_f, out_f, bias, double_quant, dtype",
+    [(64, 48, True, True, torch.float32), (72, 40, False, True, torch.float32), (128, 33, True, False, torch.bfloat16)],
+)
+def test_state_dict_equals_bitsandbytes(in_f, out_f, bias, double_quant, dtype):
+    torch.manual_seed(0)
+    linear = nn.Linear(in_f, out_f, bias=bias, dtype=dtype)
+    theirs = bnb_layer(linear, double_quant).state_dict()
+    ours = LinearNF4.from_linear(linear, double_quant=double_quant).state_dict()
+    assert list(ours) == list(theirs)
+    for key in theirs:
+        assert ours[key].shape == theirs[key].shape, key
+        assert ours[key].dtype == theirs[key].dtype, key
+        assert torch.equal(ours[key], theirs[key]), key
+
+
+def test_loads_bitsandbytes_state_dict_and_bnb_loads_ours():
+    torch.manual_seed(1)
+    linear = nn.Linear(128, 80)
+    theirs = bnb_layer(linear)
+    # Start from another weight, blocksize and format: loading replaces all of it.
+    ours = LinearNF4.from_linear(nn.Linear(128, 80), blocksize=128, double_quant=False)
+    result = ours.load_state_dict(theirs.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+    x = torch.randn(5, 128)
+    assert rel(ours(x), theirs(x)) < 1e-5
+    # bitsandbytes loads a quantized state dict through Params4bit.from_prequantized (as transformers does).
+    sd = LinearNF4.from_linear(linear).state_dict()
+    reloaded = bnb.nn.Linear4bit(128, 80, quant_type="nf4", quant_storage=torch.uint8)
+    stats = {k.removeprefix("weight."): v for k, v in sd.items() if k.startswith("weight.")}
+    reloaded.weight = bnb.nn.Params4bit.from_prequantized(sd["weight"], stats, device="cpu", module=reloaded)
+    reloaded.bias.data = sd["bias"]
+    assert torch.equal(reloaded(x), theirs(x))
+
+
+@pytest.mark.parametrize("in_f, out_f, batch", [(128, 40, (3,)), (192, 65, (2, 7)), (72, 24, (5,))])
+def test_forward_backward_vs_reference(in_f, out_f, batch):
+    # (72, 24): K is not a multiple of the blocksize, the dequantize fallback runs.
+    torch.manual_seed(2)
+    linear = nn.Linear(in_f, out_f)
+    layer = LinearNF4.from_linear(linear)
+    w = quantize(linear.weight)
+    dense = reference.dequantize_nf4(w.data, w.absmax, w.nested_absmax, w.offset, 64, w.shape, torch.float64)
+    x = torch.randn(*batch, in_f, requires_grad=True)
+    y = layer(x)
+    ref = reference.linear(x.detach(), dense, linear.bias.detach())
+    assert y.dtype == torch.float32 and rel(y, ref) < 1e-5
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    assert rel(x.grad, grad.double() @ dense) < 1e-5
+    assert not any(p.requires_grad for p in layer.parameters())
+
+
+def test_compute_dtype_and_autocast():
+    torch.manual_seed(3)
+    linear = nn.Linear(128, 64)
+    layer = LinearNF4.from_linear(linear, compute_dtype=torch.float16)
+    x = torch.randn(4, 128)
+    ref = reference.linear(x, layer.dequantize(torch.float32), linear.bias.detach())
+    y = layer(x)
+    assert y.dtype == torch.float32  # computed in fp16, returned in the input's dtype (as bitsandbytes)
+    assert 1e-6 < rel(y, ref) < 3e-3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16 and rel(y, ref) < 2e-2
+
+
+def test_torch_compile_fullgraph():
+    torch.manual_seed(5)
+    layer = LinearNF4.from_linear(nn.Linear(128, 64))
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(3, 128, requires_grad=True)
+    y = compiled(x)
+    y.sum().backward()
+    dense = layer.dequantize(torch.float32)
+    assert rel(y, reference.linear(x.detach(), dense, layer.bias.detach())) < 1e-5
+    assert rel(x.grad, torch.ones(3, 64, dtype=torch.float64) @ dense.double()) < 1e-5
+
+
+def test_module_to_dtype_keeps_statistics():
+    torch.manual_seed(4)
+    layer = LinearNF4.from_linear(nn.Linear(128, 64), double_quant=True)
+    plain = LinearNF4.from_linear(nn.Linear(128, 64), double_quant=False)
+    before = [layer.state_dict(), plain.state_dict()]
+    for module, sd in zip([layer, plain], before, strict=True):
+        module.to(torch.bfloat16)
+        assert module.bias.dtype == torch.bfloat16
+        after = module.state_dict()
+        for key in sd:
+            if key != "bias":
+                assert torch.equal(after[key], sd[key]), key
+
+
+def test_weight_is_row_shardable_parameter():
+    layer = LinearNF4.from_linear(nn.Linear(128, 96))
+    params = dict(layer.named_parameters())
+    assert params["weight"].shape == (96, 64) and params["weight"].dtype == torch.uint8
+    assert params["absmax"].shape == (96 * 128 // 64,)
+    assert not any(p.requires_grad for p in params.values())
+    # The packed rows are the bitsandbytes bytes in order: row i holds weight row i.
+    assert torch.equal(layer.weight.reshape(-1), quantize(layer.dequantize(torch.float32)).data)
+
+
+def test_bad_input():
+    with pytest.raises(TypeError, match="linear must be a torch.nn.Linear"):
+        LinearNF4.from_linear(nn.Conv2d(3, 3, 1))
+    with pytest.raises(ValueError, match="blocksize"):
+        LinearNF4.from_linear(nn.Linear(64, 64), blocksize=48)
+    layer = LinearNF4.from_linear(nn.Linear(64, 32))
+    other = LinearNF4.from_linear(nn.Linear(64, 48)).state_dict()
+    with pytest.raises(RuntimeError, match=r"weight holds a weight of shape \(48, 64\)"):
+        layer.load_state_dict(other)
+    missing = {k: v for k, v in layer.state_dict().items() if k != "weight.absmax"}
+    with pytest.raises(RuntimeError, match="Missing key.*weight.absmax"):
+        layer.load_state_dict(missing)
