@@ -13,10 +13,11 @@ from setuptools import setup
 
 try:
     import torch
-    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 except ImportError as exc:  # pragma: no cover - the README installs torch first
-    raise SystemExit("fastllm builds against an installed torch: pip install torch first, then "
-                     "pip install --no-build-isolation -e .") from exc
+    raise SystemExit(
+        "fastllm builds against an installed torch: pip install torch first, then pip install --no-build-isolation -e ."
+    ) from exc
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -32,17 +33,20 @@ def _extension():
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     if not cpp:
         return []
-    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-std=c++17"]
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-std=c++20"]
     if os.environ.get("FASTLLM_NATIVE", "1") == "1":
         cxx.append("-march=native")
     if _want_cuda():
         cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
-        return [CUDAExtension(
-            "fastllm._C", cpp + cu,
-            define_macros=[("FASTLLM_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
-            extra_link_args=["-fopenmp"],
-        )]
+        return [
+            CUDAExtension(
+                "fastllm._C",
+                cpp + cu,
+                define_macros=[("FASTLLM_WITH_CUDA", "1")],
+                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
+                extra_link_args=["-fopenmp"],
+            )
+        ]
     return [CppExtension("fastllm._C", cpp, extra_compile_args=cxx, extra_link_args=["-fopenmp"])]
 
 

@@ -46,7 +46,7 @@ def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dynamic_map_values() -> tuple[float, ...]:
     # Signed dynamic 8-bit type (Dettmers 2015): 1 sign bit, up to 7 exponent bits written
     # in unary as leading zeros, the rest a linear fraction. For exponent e (0..6) the

@@ -74,6 +74,10 @@ class NF4Weight:
 
     def block_scales(self) -> torch.Tensor:
         """fp32 [nblocks]: the per-block absmax, nested dequantization applied."""
+        if self.double_quant and _backend.has_op("decode_scales", self.device):
+            return torch.ops.fastllm.decode_scales(
+                self.absmax, self.nested_absmax, self.offset, dynamic_map(self.device)
+            )
         return reference.block_scales(self.absmax, self.nested_absmax, self.offset)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -192,17 +196,18 @@ def quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = Tru
     if weight.numel() == 0:
         raise ValueError(f"weight is empty (shape {tuple(weight.shape)})")
     check_blocksize(blocksize)
-    bad = (~torch.isfinite(weight)).sum().item()
-    if bad:
-        raise ValueError(f"weight has {bad} non-finite values (NaN or Inf); refusing to quantize")
     weight = weight.detach()
     if _backend.has_op("quantize_nf4", weight.device):
+        # The kernel counts NaN/Inf while it scans for the absmax and raises the same ValueError.
         packed, absmax, nested_absmax, offset = torch.ops.fastllm.quantize_nf4(
             weight.contiguous(), blocksize, double_quant, dynamic_map(weight.device)
         )
         if not double_quant:
             nested_absmax = offset = None
     else:
+        bad = (~torch.isfinite(weight)).sum().item()
+        if bad:
+            raise ValueError(f"weight has {bad} non-finite values (NaN or Inf); refusing to quantize")
         packed, absmax, nested_absmax, offset = reference.quantize_nf4(weight, blocksize, double_quant)
     return NF4Weight(packed, absmax, blocksize, weight.shape, weight.dtype, nested_absmax, offset)
 

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastllm import _backend, reference
+from fastllm import _backend
 from fastllm.nf4 import FLOAT_DTYPES, NF4Weight
 
 from .nf4_dequant import INTERPRET, check_weight, dequant_tile, scale_args, uses_triton
@@ -321,9 +321,9 @@ def _triton_backward(g2d, data, absmax, nested_absmax, offset, blocksize: int, k
     return out
 
 
-def _dense(data, absmax, nested_absmax, offset, blocksize: int, n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
-    # The dense (N, K) weight through fastllm.nf4 (C++ extension when built, else the reference).
-    return NF4Weight(data, absmax, blocksize, torch.Size((n, k)), dtype, nested_absmax, offset).dequantize(dtype)
+def _weight(data, absmax, nested_absmax, offset, blocksize: int, n: int, k: int, dtype: torch.dtype) -> NF4Weight:
+    # Reassemble the NF4Weight the op was decomposed from (its methods use the C++ extension when built).
+    return NF4Weight(data, absmax, blocksize, torch.Size((n, k)), dtype, nested_absmax, offset)
 
 
 def cpu_forward(x2d, data, absmax, nested_absmax, offset, bias, blocksize: int, n: int) -> torch.Tensor:
@@ -332,18 +332,16 @@ def cpu_forward(x2d, data, absmax, nested_absmax, offset, bias, blocksize: int, 
     M <= 16 uses the C++ ``fastllm::nf4_gemv`` op when it is built; otherwise dequantize + torch matmul.
     """
     m, k = x2d.shape
+    w = _weight(data, absmax, nested_absmax, offset, blocksize, n, k, x2d.dtype)
     if m <= SMALL_M and _backend.has_op("nf4_gemv", "cpu"):
-        scales = reference.block_scales(absmax, nested_absmax, offset)
-        y = torch.ops.fastllm.nf4_gemv(x2d, data, scales, blocksize, n).to(x2d.dtype)
+        y = torch.ops.fastllm.nf4_gemv(x2d, data, w.block_scales(), blocksize, n).to(x2d.dtype)
         return y if bias is None else y + bias
-    weight = _dense(data, absmax, nested_absmax, offset, blocksize, n, k, x2d.dtype)
-    return torch.nn.functional.linear(x2d, weight, bias)
+    return torch.nn.functional.linear(x2d, w.dequantize(x2d.dtype), bias)
 
 
 def cpu_backward(g2d, data, absmax, nested_absmax, offset, blocksize: int, k: int) -> torch.Tensor:
     """The CPU path without Triton: grad_y (M, N) -> grad_y @ W (M, K) by dequantize + torch matmul."""
-    weight = _dense(data, absmax, nested_absmax, offset, blocksize, g2d.shape[1], k, g2d.dtype)
-    return g2d @ weight
+    return g2d @ _weight(data, absmax, nested_absmax, offset, blocksize, g2d.shape[1], k, g2d.dtype).dequantize()
 
 
 # ---- torch.library ops: NF4Weight is decomposed into its tensors and ints --------------------------

@@ -1,0 +1,94 @@
+"""Print what fastllm will run on this machine: ``python -m fastllm.env``.
+
+Versions (python, torch, triton, bitsandbytes, ...), the devices, whether the C++
+extension ``fastllm._C`` is loaded (and why not), which of its ops have CPU / CUDA
+kernels, whether Triton can run (a GPU, or ``TRITON_INTERPRET=1`` on the CPU) and which
+NF4-matmul and attention path each device takes.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+
+import torch
+
+from fastllm import _backend
+
+
+def _version(distribution: str) -> str:
+    # From the installed metadata: importing bitsandbytes or torchao is slow and noisy.
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _devices() -> list[torch.device]:
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return devices
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB)"
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, " + (
+        f"ATen CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    )
+
+
+def _triton_runs(device: torch.device) -> bool:
+    """Triton kernels run on CUDA devices, and on CPU tensors only under TRITON_INTERPRET=1."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _matmul_path(device: torch.device) -> str:
+    if _triton_runs(device):
+        return "Triton fused dequantize-matmul" + (" (interpreter)" if device.type == "cpu" else "")
+    gemv = "C++ nf4_gemv for M <= 16" if _backend.has_op("nf4_gemv", device) else "no fused GEMV"
+    dequant = "C++" if _backend.has_op("dequantize_nf4", device) else "reference"
+    return f"{gemv}; else {dequant} dequantize + torch matmul"
+
+
+def _attention_path(device: torch.device) -> str:
+    if _triton_runs(device):
+        return "Triton fused attention" + (" (interpreter)" if device.type == "cpu" else "")
+    return "PyTorch reference attention (fp32)"
+
+
+def report() -> str:
+    """The environment report as text (what ``python -m fastllm.env`` prints)."""
+    lines = [
+        f"python        {platform.python_version()} ({platform.machine()})",
+        f"torch         {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
+    ]
+    for module in ("triton", "bitsandbytes", "torchao", "transformers", "peft"):
+        lines.append(f"{module:<13} {_version(module)}")
+    lines.append(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r}")
+    lines.append("")
+    if _backend.extension_loaded():
+        lines.append(f"fastllm._C    loaded (CUDA kernels {'built' if _backend.cuda_built() else 'not built'})")
+    else:
+        lines.append(f"fastllm._C    not loaded: {_backend.extension_error()}")
+    for op in _backend.EXTENSION_OPS:
+        cpu = "yes" if _backend.has_op(op, "cpu") else "no"
+        cuda = "yes" if _backend.has_op(op, "cuda") else "no"
+        lines.append(f"  fastllm::{op:<15} CPU {cpu:<4} CUDA {cuda}")
+    lines.append("")
+    for device in _devices():
+        lines.append(f"{device}: {_device_name(device)}")
+        triton_state = "runs" if _triton_runs(device) else "does not run (no GPU, TRITON_INTERPRET unset)"
+        lines.append(f"  triton     {triton_state}")
+        lines.append(f"  nf4 matmul {_matmul_path(device)}")
+        lines.append(f"  attention  {_attention_path(device)}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report())

@@ -1,0 +1,192 @@
+"""The C++/CUDA extension fastllm._C: tables, ops against fastllm.reference, bad input, CUDA compile."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from fastllm import _backend, reference
+from fastllm.codebook import NF4_CODE, dynamic_map
+
+pytestmark = pytest.mark.skipif(not _backend.extension_loaded(), reason=f"{_backend.extension_error()}")
+
+CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ops = torch.ops.fastllm
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def test_cpp_code_table_equals_python_table():
+    from fastllm import _C
+
+    table = _C.nf4_code_table()
+    assert table.dtype == torch.float32
+    assert torch.equal(table, torch.tensor(NF4_CODE, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("shape", "blocksize"), [((37, 129), 32), ((5, 301), 128), ((3, 1001), 4096), ((1,), 64)])
+def test_ops_match_reference_bit_for_bit(dtype, shape, blocksize):
+    w = torch.randn(shape, dtype=torch.float32).mul_(3).to(dtype)
+    w.view(-1)[: min(blocksize, w.numel())] = 0  # an all-zero block
+    for double_quant in (False, True):
+        packed, absmax, nested, offset = ops.quantize_nf4(w, blocksize, double_quant, dynamic_map())
+        ref = reference.quantize_nf4(w, blocksize, double_quant)
+        assert torch.equal(packed, ref.packed)
+        assert torch.equal(absmax, ref.absmax)
+        if double_quant:
+            assert torch.equal(nested, ref.nested_absmax) and torch.equal(offset, ref.offset)
+            scales = ops.decode_scales(absmax, nested, offset, dynamic_map())
+        else:
+            assert nested.numel() == 0 and offset.numel() == 0
+            scales = absmax
+        assert torch.equal(scales, reference.block_scales(ref.absmax, ref.nested_absmax, ref.offset))
+        for out_dtype in DTYPES:
+            got = ops.dequantize_nf4(packed, scales, blocksize, w.numel(), out_dtype)
+            want = reference.dequantize_nf4(packed, absmax, ref.nested_absmax, ref.offset, blocksize, shape, out_dtype)
+            assert got.dtype == out_dtype and torch.equal(got, want.reshape(-1))
+
+
+def test_quantize_ties_and_tiny_values_match_reference():
+    # Values exactly on the code midpoints (block absmax 1, so the scale is exact) go to the
+    # lower code; subnormal and tiny blocks exercise the 1e-38 clamp of the scale.
+    code = torch.tensor(NF4_CODE)
+    mid = (code[:-1] + code[1:]) / 2
+    block = torch.cat([torch.ones(1), mid, -mid, torch.zeros(64 - 31)])
+    tiny = torch.full((64,), 1e-40).mul_(torch.randn(64).sign())
+    w = torch.cat([block, tiny, torch.randn(64) * 1e-30, torch.randn(64) * 1e30])
+    packed, absmax, *_ = ops.quantize_nf4(w, 64, False, dynamic_map())
+    ref = reference.quantize_nf4(w, 64, False)
+    assert torch.equal(packed, ref.packed) and torch.equal(absmax, ref.absmax)
+    codes = reference.unpack_nibbles(packed, w.numel())
+    assert torch.equal(codes[1:16].long(), torch.arange(15))  # each midpoint -> lower neighbour
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("m", "n", "k", "blocksize"), [(1, 37, 192, 64), (3, 101, 160, 32), (17, 9, 256, 128)])
+def test_gemv_matches_reference_linear(dtype, m, n, k, blocksize):
+    w = torch.randn(n, k)
+    parts = reference.quantize_nf4(w, blocksize, True)
+    dense = reference.dequantize_nf4(parts.packed, parts.absmax, parts.nested_absmax, parts.offset, blocksize, (n, k))
+    scales = reference.block_scales(parts.absmax, parts.nested_absmax, parts.offset)
+    x = torch.randn(m, k).to(dtype)
+    y = ops.nf4_gemv(x, parts.packed, scales, blocksize, n)
+    assert y.shape == (m, n) and y.dtype == dtype
+    # fp32 accumulation; the output rounding (and, for bf16 x, bf16 weights) bound the error.
+    bound = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    assert rel_err(y, reference.linear(x, dense)) < bound
+
+
+def test_gemv_every_m_and_non_contiguous_x():
+    n, k, blocksize = 24, 128, 64
+    parts = reference.quantize_nf4(torch.randn(n, k), blocksize, False)
+    dense = reference.dequantize_nf4(parts.packed, parts.absmax, None, None, blocksize, (n, k))
+    for m in (0, 2, 5, 8, 9, 16, 33):
+        x = torch.randn(k, m).T  # a transposed view
+        y = ops.nf4_gemv(x, parts.packed, parts.absmax, blocksize, n)
+        assert y.shape == (m, n)
+        if m:
+            assert rel_err(y, reference.linear(x, dense)) < 1e-5
+
+
+def test_op_fake_kernels_pass_opcheck():
+    # Schema, fake (meta) kernels and AOT tracing: what torch.compile relies on.
+    w = torch.randn(40, 128)
+    dmap = dynamic_map()
+    packed, absmax, nested, offset = ops.quantize_nf4(w, 64, True, dmap)
+    scales = ops.decode_scales(absmax, nested, offset, dmap)
+    cases = [
+        (ops.quantize_nf4.default, (w, 64, True, dmap)),
+        (ops.quantize_nf4.default, (w.bfloat16(), 32, False, dmap)),
+        (ops.decode_scales.default, (absmax, nested, offset, dmap)),
+        (ops.dequantize_nf4.default, (packed, scales, 64, w.numel(), torch.bfloat16)),
+        (ops.nf4_gemv.default, (torch.randn(3, 128), packed, scales, 64, 40)),
+    ]
+    for op, args in cases:
+        result = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in result.values()), (op, result)
+
+
+def _valid_gemv_args():
+    parts = reference.quantize_nf4(torch.randn(8, 64), 32, False)
+    return torch.randn(2, 64), parts.packed, parts.absmax
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: ops.quantize_nf4(torch.ones(64, dtype=torch.int32), 64, False, dynamic_map()), TypeError, "weight"),
+        (lambda: ops.quantize_nf4(torch.ones(64), 48, False, dynamic_map()), ValueError, "blocksize"),
+        (lambda: ops.quantize_nf4(torch.ones(0), 64, False, dynamic_map()), ValueError, "empty"),
+        (lambda: ops.quantize_nf4(torch.ones(64), 64, True, dynamic_map()[:255]), ValueError, "dynamic_map"),
+        (lambda: ops.quantize_nf4(torch.ones(64), 64, True, dynamic_map().double()), TypeError, "dynamic_map"),
+        (
+            lambda: ops.dequantize_nf4(torch.zeros(4, dtype=torch.int32), torch.ones(1), 32, 8, torch.float32),
+            TypeError,
+            "packed",
+        ),
+        (
+            lambda: ops.dequantize_nf4(torch.zeros(4, dtype=torch.uint8), torch.ones(1), 32, 9, torch.float32),
+            ValueError,
+            "packed",
+        ),
+        (
+            lambda: ops.dequantize_nf4(torch.zeros(40, dtype=torch.uint8), torch.ones(1), 32, 80, torch.float32),
+            ValueError,
+            "scales",
+        ),
+        (
+            lambda: ops.dequantize_nf4(torch.zeros(4, dtype=torch.uint8), torch.ones(1), 32, 8, torch.int32),
+            TypeError,
+            "dtype",
+        ),
+        (
+            lambda: ops.decode_scales(
+                torch.zeros(300, dtype=torch.uint8), torch.ones(1), torch.zeros(()), dynamic_map()
+            ),
+            ValueError,
+            "nested_absmax",
+        ),
+    ],
+)
+def test_bad_input_raises_naming_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_gemv_bad_input_raises_naming_the_argument():
+    x, packed, scales = _valid_gemv_args()
+    with pytest.raises(ValueError, match="multiple of blocksize"):
+        ops.nf4_gemv(torch.randn(2, 48), packed[:192], scales[:12], 32, 8)
+    with pytest.raises(TypeError, match="x must be"):
+        ops.nf4_gemv(x.long(), packed, scales, 32, 8)
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        ops.nf4_gemv(x[None], packed, scales, 32, 8)
+    with pytest.raises(TypeError, match="packed"):
+        ops.nf4_gemv(x, packed.int(), scales, 32, 8)
+    with pytest.raises(TypeError, match="scales"):
+        ops.nf4_gemv(x, packed, scales.half(), 32, 8)
+    with pytest.raises(ValueError, match="packed must hold"):
+        ops.nf4_gemv(x, packed[:-1], scales, 32, 8)
+    with pytest.raises(ValueError, match="scales must hold"):
+        ops.nf4_gemv(x, packed, scales[:-1], 32, 8)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_cuda_sources_compile_for_sm80_and_sm90(tmp_path):
+    cmd = [
+        "nvcc", "-c", "-std=c++17", "-O3",
+        "-gencode", "arch=compute_80,code=sm_80",
+        "-gencode", "arch=compute_90,code=sm_90",
+        "-I", CSRC, os.path.join(CSRC, "nf4_cuda.cu"), "-o", str(tmp_path / "nf4_cuda.o"),
+    ]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "nf4_cuda.o").stat().st_size > 0
