@@ -1,0 +1,211 @@
+"""Fused attention (CUDA only): fastllm vs PyTorch SDPA backends, FlexAttention and flash-attn.
+
+Layout (B, H, S, D) bf16; grouped-query cases have fewer key/value heads. Figures are TFLOP/s
+over the visible (query, key) pairs only: forward = 4 * D * Hq * pairs (QK^T and PV),
+forward+backward = 3.5 x forward (the backward does 5 matmuls to the forward's 2). Pairs:
+S^2 without a mask, S(S+1)/2 causal, sum_i min(i+1, w) for a causal window of w keys,
+S * valid_keys per sequence with a key padding mask.
+
+On CPU the suite is skipped: fastllm's CPU attention is the Triton interpreter / the
+reference, whose timing says nothing about the kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.harness import Case, Settings, Skip, randn, require, require_attr
+
+PROVIDERS = ("fastllm", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex", "flash-attn")
+CPU_REASON = "attention timing needs CUDA (the CPU path is the interpreter/reference)"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One attention workload. ``window``: keys visible to a query, itself included (causal); 0 = unbounded."""
+
+    name: str
+    batch: int
+    heads: int
+    kv_heads: int
+    seq: int
+    head_dim: int
+    causal: bool = False
+    padding: bool = False
+    window: int = 0
+    softcap: float = 0.0
+
+    def lengths(self, device: torch.device) -> torch.Tensor:
+        """Valid keys per sequence (padding cases: evenly spread from S/2 to S), int64 (B,)."""
+        if not self.padding:
+            return torch.full((self.batch,), self.seq, device=device)
+        return torch.linspace(self.seq // 2, self.seq, self.batch, device=device).round().long()
+
+    def pairs(self) -> int:
+        """Visible (query, key) pairs summed over the batch."""
+        s = self.seq
+        if self.padding:
+            return s * int(self.lengths(torch.device("cpu")).sum())
+        if not self.causal:
+            return self.batch * s * s
+        w = self.window or s
+        per_seq = w * (w + 1) // 2 + (s - w) * w if w < s else s * (s + 1) // 2
+        return self.batch * per_seq
+
+    def flops(self, backward: bool) -> float:
+        forward = 4 * self.head_dim * self.heads * self.pairs()
+        return 3.5 * forward if backward else forward
+
+    def shape(self) -> dict[str, int]:
+        out = {"B": self.batch, "Hq": self.heads, "Hkv": self.kv_heads, "S": self.seq, "D": self.head_dim}
+        if self.window:
+            out["window"] = self.window
+        return out
+
+
+def problems(settings: Settings) -> list[tuple[Problem, tuple[str, ...]]]:
+    """(problem, ops) pairs to time."""
+    llama = Problem("causal-gqa", 2, 32, 8, 4096, 128, causal=True)
+    bert = Problem("padding", 16, 12, 12, 512, 64, padding=True)
+    gemma = Problem("window-softcap", 1, 16, 8, 8192, 256, causal=True, window=4096, softcap=50.0)
+    if settings.quick:
+        return [(llama, ("fwd", "fwd+bwd")), (bert, ("fwd",)), (gemma, ("fwd",))]
+    dense = Problem("no-mask", 4, 16, 16, 2048, 128)
+    window = Problem("window", 1, 16, 8, 8192, 128, causal=True, window=4096)
+    both = ("fwd", "fwd+bwd")
+    return [(llama, both), (dense, both), (bert, both), (window, both), (gemma, both)]
+
+
+def _inputs(p: Problem, device: torch.device, layout_bshd: bool = False):
+    def make(heads: int, seed: int) -> torch.Tensor:
+        t = randn((p.batch, heads, p.seq, p.head_dim), torch.bfloat16, device, seed)
+        return t.transpose(1, 2).contiguous() if layout_bshd else t
+
+    return make(p.heads, 1), make(p.kv_heads, 2), make(p.kv_heads, 3)
+
+
+def _fastllm(p: Problem, device: torch.device):
+    attention = require_attr("fastllm.kernels.attention", "attention")
+    q, k, v = _inputs(p, device)
+    mask = torch.arange(p.seq, device=device)[None, :] < p.lengths(device)[:, None] if p.padding else None
+    window = (p.window - 1, 0) if p.window else None
+    return (q, k, v), lambda q, k, v: attention(
+        q, k, v, causal=p.causal, key_padding_mask=mask, window=window, softcap=p.softcap or None
+    )
+
+
+def _sdpa(p: Problem, device: torch.device, backend_name: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if p.softcap:
+        raise Skip("SDPA has no logit softcap")
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}.get(
+        backend_name, SDPBackend.EFFICIENT_ATTENTION
+    )
+    q, k, v = _inputs(p, device)
+    mask = None
+    if p.padding:
+        mask = (torch.arange(p.seq, device=device)[None, :] < p.lengths(device)[:, None])[:, None, None, :]
+    elif p.window:
+        i = torch.arange(p.seq, device=device)
+        mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - p.window)
+    causal = p.causal and mask is None
+
+    def fn(q, k, v):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+
+    return (q, k, v), fn
+
+
+def _flex(p: Problem, device: torch.device):
+    flex = require("torch.nn.attention.flex_attention", "FlexAttention")
+    q, k, v = _inputs(p, device)
+    lengths = p.lengths(device)
+
+    def mask_mod(b, h, qi, ki):
+        keep = ki < lengths[b] if p.padding else ki >= 0
+        if p.causal:
+            keep = keep & (ki <= qi)
+        if p.window:
+            keep = keep & (ki > qi - p.window)
+        return keep
+
+    masked = p.padding or p.causal or p.window
+    block_mask = flex.create_block_mask(mask_mod, p.batch, None, p.seq, p.seq, device=device) if masked else None
+    score_mod = None
+    if p.softcap:
+        cap = p.softcap
+
+        def score_mod(score, b, h, qi, ki):
+            return cap * torch.tanh(score / cap)
+
+    # Every case compiles its own masks / score_mod: lift dynamo's recompile limit (8) so none falls back to eager.
+    dynamo_config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
+    compiled = torch.compile(flex.flex_attention, dynamic=False)
+    return (q, k, v), lambda q, k, v: compiled(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=True)
+
+
+def _flash_attn(p: Problem, device: torch.device):
+    flash_attn = require("flash_attn", "flash-attn")
+    if p.padding:
+        raise Skip("flash-attn takes padding through its varlen API; not benchmarked")
+    q, k, v = _inputs(p, device, layout_bshd=True)
+    window = (p.window - 1, 0) if p.window else (-1, -1)
+    return (q, k, v), lambda q, k, v: flash_attn.flash_attn_func(
+        q, k, v, causal=p.causal, window_size=window, softcap=p.softcap
+    )
+
+
+def _setup(p: Problem, op: str, provider: str, device: torch.device):
+    if provider == "fastllm":
+        (q, k, v), fn = _fastllm(p, device)
+    elif provider.startswith("sdpa-"):
+        (q, k, v), fn = _sdpa(p, device, provider.removeprefix("sdpa-"))
+    elif provider == "flex":
+        (q, k, v), fn = _flex(p, device)
+    else:
+        (q, k, v), fn = _flash_attn(p, device)
+    if op == "fwd+bwd":
+        for t in (q, k, v):
+            t.requires_grad_(True)
+    grad = torch.randn_like(q)
+
+    def call():
+        out = fn(q, k, v)
+        if op == "fwd+bwd":
+            for t in (q, k, v):
+                t.grad = None
+            out.backward(grad)
+
+    try:
+        call()  # compiles / autotunes, and finds out whether a forced SDPA backend takes this case
+    except RuntimeError as exc:
+        if provider.startswith("sdpa-") and ("No available kernel" in str(exc) or "No viable backend" in str(exc)):
+            raise Skip(f"{provider} does not support this case") from exc
+        raise
+    return call
+
+
+def cases(settings: Settings) -> list[Case]:
+    if not settings.cuda:
+        raise Skip(CPU_REASON)
+    out = []
+    for p, ops in problems(settings):
+        for op in ops:
+            for provider in PROVIDERS:
+
+                def setup(p=p, op=op, provider=provider):
+                    return _setup(p, op, provider, settings.device)
+
+                flops = p.flops(backward=op == "fwd+bwd")
+                out.append(
+                    Case("attention", f"{p.name} {op}", p.shape(), "bfloat16", provider, "TFLOP/s", flops, setup)
+                )
+    return out

@@ -1,0 +1,155 @@
+"""QLoRA training steps: fastllm vs PEFT over bitsandbytes NF4 and PEFT over a dense bf16 weight.
+
+Each provider runs forward + backward (to the input and the LoRA matrices; base weights frozen),
+as they come out of the box (fastllm keeps A/B in fp32 and multiplies in the compute dtype;
+PEFT computes the LoRA branch in fp32). Figure: tokens / s.
+
+- ``lora-layer``: one 4096 x 4096 linear, r=16, alpha=16, 512 bf16 tokens.
+- ``llama3-8b-block`` (CUDA): one Llama-3-8B decoder layer (hidden 4096, MLP 14336, 32 query /
+  8 key-value heads, SDPA attention for every provider) over 8192 tokens with LoRA on all seven
+  projections; also records the peak CUDA memory of a step (torch.cuda.max_memory_allocated,
+  weights included). ``fastllm+attn`` also swaps SDPA for fastllm's attention
+  (``attn_implementation="fastllm"``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from benchmarks.harness import Case, Settings, Skip, randn, require, require_attr
+
+PROVIDERS = ("fastllm", "peft+bnb", "peft-bf16")
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class _Holder(nn.Module):
+    """A one-layer model, so PEFT can target the layer by name."""
+
+    def __init__(self, proj: nn.Module):
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def _to_bnb(model: nn.Module, names: tuple[str, ...]) -> nn.Module:
+    """Replace every nn.Linear whose name ends with one of ``names`` by a bitsandbytes NF4 Linear4bit."""
+    bnb = require("bitsandbytes")
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or name.split(".")[-1] not in names:
+            continue
+        layer = bnb.nn.Linear4bit(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            compute_dtype=module.weight.dtype,
+            compress_statistics=True,
+            quant_type="nf4",
+            device="meta",
+        )
+        layer.weight = bnb.nn.Params4bit(
+            module.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=True, blocksize=64
+        )
+        if module.bias is not None:
+            layer.bias = nn.Parameter(module.bias.data, requires_grad=False)
+        layer = layer.to(module.weight.device)  # quantizes
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+    return model
+
+
+def _peft(model: nn.Module, targets: tuple[str, ...], r: int) -> nn.Module:
+    peft = require("peft")
+    config = peft.LoraConfig(r=r, lora_alpha=r, target_modules=list(targets), lora_dropout=0.0, bias="none")
+    return peft.get_peft_model(model, config)
+
+
+def _adapt(model: nn.Module, provider: str, targets: tuple[str, ...], r: int) -> nn.Module:
+    """``model`` (dense bf16) with LoRA r / alpha=r on ``targets``, the way ``provider`` does it."""
+    if provider == "fastllm":
+        prepare_qlora = require_attr("fastllm", "prepare_qlora")
+        return prepare_qlora(model, r=r, alpha=r, target_modules=list(targets), progress=False)
+    if provider == "peft+bnb":
+        model = _to_bnb(model, targets)
+    return _peft(model, targets, r)
+
+
+def _train_step(model: nn.Module, x: torch.Tensor, forward=None):
+    """fn() = forward + backward of ``model`` on ``x`` (grads of x and the trainable parameters reset first).
+
+    ``forward(model, x)`` returns the tensor to backpropagate from (default ``model(x)``).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise RuntimeError("no trainable parameters after adding LoRA")
+    x.requires_grad_(True)
+    grad = None
+
+    def step():
+        nonlocal grad
+        for t in [x, *params]:
+            t.grad = None
+        out = model(x) if forward is None else forward(model, x)
+        if grad is None:
+            grad = torch.randn_like(out)
+        out.backward(grad)
+
+    return step
+
+
+def layer_setup(provider: str, tokens: int, n: int, k: int, r: int, device: torch.device):
+    linear = nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(randn((n, k), torch.bfloat16, device, seed=n + k, scale=0.02))
+    model = _adapt(_Holder(linear), provider, ("proj",), r)
+    return _train_step(model, randn((tokens, k), torch.bfloat16, device, seed=tokens))
+
+
+LLAMA3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8}
+
+
+def block_setup(provider: str, tokens: int, device: torch.device, dims: dict[str, int] = LLAMA3_8B):
+    """Training step of one Llama decoder layer (``dims``) over ``tokens`` tokens with LoRA r=16 on all projections.
+
+    ``provider``: one of ``PROVIDERS`` or "fastllm+attn" (fastllm's linears and attention).
+    """
+    transformers = require("transformers")
+    attn = "sdpa"
+    if provider == "fastllm+attn":  # fastllm's attention kernel too, through the transformers registration
+        require("fastllm.integrations.transformers")
+        attn, provider = "fastllm", "fastllm"
+    config = transformers.LlamaConfig(
+        **dims, num_hidden_layers=1, vocab_size=256, max_position_embeddings=tokens, attn_implementation=attn
+    )
+    with torch.device(device):
+        model = transformers.LlamaModel(config).to(torch.bfloat16)
+    model = _adapt(model, provider, LLAMA_TARGETS, 16)
+    x = randn((1, tokens, dims["hidden_size"]), torch.bfloat16, device, seed=tokens)
+    return _train_step(model, x, lambda m, e: m(inputs_embeds=e, use_cache=False).last_hidden_state)
+
+
+def cases(settings: Settings) -> list[Case]:
+    tokens, n, k, r = (32, 256, 320, 8) if settings.tiny else (512, 4096, 4096, 16)
+    block_tokens = 8192
+    out = []
+    for provider in PROVIDERS:
+
+        def setup(provider=provider):
+            return layer_setup(provider, tokens, n, k, r, settings.device)
+
+        shape = {"T": tokens, "N": n, "K": k, "r": r}
+        out.append(Case("qlora", "lora-layer fwd+bwd", shape, "bfloat16", provider, "tokens/s", tokens, setup))
+    for provider in ("fastllm", "fastllm+attn", *PROVIDERS[1:]):
+
+        def setup(provider=provider):
+            if not settings.cuda:
+                raise Skip("the Llama-3-8B block at 8k tokens needs CUDA")
+            return block_setup(provider, block_tokens, settings.device)
+
+        shape = {"T": block_tokens, "hidden": 4096, "mlp": 14336, "r": 16}
+        out.append(
+            Case("qlora", "llama3-8b-block fwd+bwd", shape, "bfloat16", provider, "tokens/s", block_tokens, setup, True)
+        )
+    return out
