@@ -16,6 +16,7 @@ A query row that sees no key outputs zeros, has lse = -inf and gets zero gradien
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -135,6 +136,12 @@ def _prep(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _sequences(cu_q: torch.Tensor, cu_k: torch.Tensor) -> Iterator[tuple[slice, slice]]:
+    """(rows in q, rows in k) of each packed sequence."""
+    for b in range(cu_q.shape[0] - 1):
+        yield slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+
+
 def _torch_forward(q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, left, right, softcap):
     """The plain PyTorch path (CPU without the interpreter): the reference math in fp32, per sequence if packed."""
     window = (left, right)
@@ -144,8 +151,7 @@ def _torch_forward(q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, left, right, s
             q, k, v, scale=scale, key_padding_mask=kpm, window=window, softcap=cap, dtype=torch.float32
         )
     outs, lses = [], []
-    for b in range(cu_q.shape[0] - 1):
-        qs, ks = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+    for qs, ks in _sequences(cu_q, cu_k):
         o, s = reference.attention(
             q[qs].transpose(0, 1)[None], k[ks].transpose(0, 1)[None], v[ks].transpose(0, 1)[None],
             scale=scale, window=window, softcap=cap, dtype=torch.float32,
@@ -192,8 +198,7 @@ def _torch_backward(do, q, k, v, out, lse, dlse, kpm, cu_q, cu_k, max_q, max_k, 
     if cu_q is not None:
         # packed: gradients of each sequence, one at a time, through the padded path
         grads = [torch.zeros_like(t, dtype=torch.float32) for t in (q, k, v)]
-        for b in range(cu_q.shape[0] - 1):
-            qs, ks = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+        for qs, ks in _sequences(cu_q, cu_k):
             per_seq = [t.transpose(0, 1)[None] for t in (do[qs], q[qs], k[ks], v[ks], out[qs])]
             d_lse = None if dlse is None else dlse[:, qs][None]
             dq, dk, dv = _torch_backward(

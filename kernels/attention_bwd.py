@@ -19,14 +19,13 @@ import triton.language as tl
 from fastllm.kernels.attention_fwd import (
     INTERPRETING,
     AttentionLaunch,
+    autotune_tiles,
     kv_block_range,
     new_row_stats,
-    prune_for_head_dim,
     row_stat_strides,
     scores_log2,
     seq_bounds,
     seq_strides,
-    tile_configs,
     visible,
 )
 
@@ -68,11 +67,7 @@ def _attention_delta_kernel(
     tl.store(delta_ptr + stat, delta, mask=row_ok)
 
 
-@triton.autotune(
-    configs=tile_configs(_BWD_SHAPES),
-    key=["BLOCK_D", "HAS_LEFT", "HAS_RIGHT", "HAS_KPM", "SOFTCAP", "VARLEN", "SEQ_BUCKET"],
-    prune_configs_by={"early_config_prune": prune_for_head_dim},
-)
+@autotune_tiles(_BWD_SHAPES)
 @triton.jit
 def _attention_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
@@ -166,11 +161,7 @@ def _attention_dkdv_kernel(
     tl.store(dv_base + k_rows[:, None] * stride_dvs + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
-@triton.autotune(
-    configs=tile_configs(_BWD_SHAPES),
-    key=["BLOCK_D", "HAS_LEFT", "HAS_RIGHT", "HAS_KPM", "SOFTCAP", "VARLEN", "SEQ_BUCKET"],
-    prune_configs_by={"early_config_prune": prune_for_head_dim},
-)
+@autotune_tiles(_BWD_SHAPES)
 @triton.jit
 def _attention_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
@@ -273,10 +264,6 @@ def attention_backward(
         *params.mask_args(q.device), cu_q, cu_k,
         *seq_strides(q, params), *seq_strides(k, params), *seq_strides(v, params), *seq_strides(do, params),
     )  # fmt: skip
-    options = dict(
-        HAS_LEFT=params.has_left, HAS_RIGHT=params.has_right, HAS_KPM=params.has_kpm, SOFTCAP=params.has_softcap,
-        VARLEN=params.varlen, PRECISION=params.precision, BLOCK_D=params.block_d,
-    )  # fmt: skip
     scalars = (
         params.group, params.max_seqlen_q, params.max_seqlen_k, params.head_dim,
         params.scale, params.qk_scale, params.cap_scale, params.window_left, params.window_right, params.seq_bucket,
@@ -285,12 +272,12 @@ def attention_backward(
     _attention_dkdv_kernel[grid_kv](
         q, k, v, do, lse, delta, dk, dv, *shared,
         *seq_strides(dk, params), *seq_strides(dv, params), *stat_strides, params.kpm_stride,
-        n_kv_heads, *scalars, **options,
+        n_kv_heads, *scalars, **params.flags,
     )  # fmt: skip
     grid_q = lambda meta: (triton.cdiv(params.max_seqlen_q, meta["BLOCK_M"]), params.batch * n_heads)
     _attention_dq_kernel[grid_q](
         q, k, v, do, lse, delta, dq, *shared,
         *seq_strides(dq, params), *stat_strides, params.kpm_stride,
-        n_heads, *scalars, **options,
+        n_heads, *scalars, **params.flags,
     )  # fmt: skip
     return dq, dk, dv

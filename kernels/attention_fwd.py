@@ -16,6 +16,7 @@ under TRITON_INTERPRET=1.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +44,16 @@ def tile_configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]
     if INTERPRETING:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+def autotune_tiles(shapes: list[tuple[int, int, int, int]]) -> Callable[[triton.JITFunction], triton.runtime.Autotuner]:
+    """The autotune decorator of the attention kernels: tile shapes tried once per head-dim bucket, mask kind and
+    sequence-length bucket, wide heads pruned to small tiles."""
+    return triton.autotune(
+        configs=tile_configs(shapes),
+        key=["BLOCK_D", "HAS_LEFT", "HAS_RIGHT", "HAS_KPM", "SOFTCAP", "VARLEN", "SEQ_BUCKET"],
+        prune_configs_by={"early_config_prune": prune_for_head_dim},
+    )
 
 
 @triton.jit
@@ -221,6 +232,14 @@ class AttentionLaunch:
                 self._mask_args = (dummy.view(torch.uint8), dummy, dummy)
         return self._mask_args
 
+    @property
+    def flags(self) -> dict[str, bool | str | int]:
+        """The compile-time (tl.constexpr) launch options every attention kernel but the delta pre-pass takes."""
+        return dict(
+            HAS_LEFT=self.has_left, HAS_RIGHT=self.has_right, HAS_KPM=self.has_kpm, SOFTCAP=self.has_softcap,
+            VARLEN=self.varlen, PRECISION=self.precision, BLOCK_D=self.block_d,
+        )  # fmt: skip
+
     def cu_args(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self.varlen:
             return self.cu_seqlens_q, self.cu_seqlens_k
@@ -231,11 +250,7 @@ class AttentionLaunch:
 _FWD_SHAPES = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1)]
 
 
-@triton.autotune(
-    configs=tile_configs(_FWD_SHAPES),
-    key=["BLOCK_D", "HAS_LEFT", "HAS_RIGHT", "HAS_KPM", "SOFTCAP", "VARLEN", "SEQ_BUCKET"],
-    prune_configs_by={"early_config_prune": prune_for_head_dim},
-)
+@autotune_tiles(_FWD_SHAPES)
 @triton.jit
 def _attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
@@ -365,8 +380,6 @@ def attention_forward(
         params.kpm_stride,
         n_heads, params.group, params.max_seqlen_q, params.max_seqlen_k, params.head_dim,
         params.qk_scale, params.cap_scale, params.window_left, params.window_right,
-        params.seq_bucket,
-        HAS_LEFT=params.has_left, HAS_RIGHT=params.has_right, HAS_KPM=params.has_kpm, SOFTCAP=params.has_softcap,
-        VARLEN=params.varlen, PRECISION=params.precision, BLOCK_D=params.block_d,
+        params.seq_bucket, **params.flags,
     )  # fmt: skip
     return out, lse

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import transformers as T
-from _tiny_models import make_batch, make_model
+from _tiny_models import logits, make_batch, make_model, with_dequantized_weights
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -29,22 +29,6 @@ def prepared(arch: str, seed: int = 0) -> nn.Module:
     return model
 
 
-def dequantized_base(arch: str, model: nn.Module) -> nn.Module:
-    """The unquantized model with each adapted layer's weight replaced by its dequantized NF4 weight."""
-    base = make_model(arch)
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLinear):
-            dense = module.base_layer.dequantize(torch.float32)
-            target = base.get_submodule(name)
-            target.weight.data = dense.t().contiguous() if isinstance(target, Conv1D) else dense
-    return base
-
-
-def logits(model: nn.Module, batch: dict) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-
-
 def test_round_trip_exact(tmp_path):
     model = prepared("llama")
     save_adapter(model, tmp_path)
@@ -64,7 +48,7 @@ def test_peft_loads_ours(tmp_path, arch):
     save_adapter(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["fan_in_fan_out"] == (arch == "gpt2")
-    peft_model = PeftModel.from_pretrained(dequantized_base(arch, model), tmp_path)
+    peft_model = PeftModel.from_pretrained(with_dequantized_weights(make_model(arch), model), tmp_path)
     ours = {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
     theirs = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
     assert theirs.keys() == ours.keys()  # the same layers adapted, nothing else
@@ -79,7 +63,7 @@ def test_we_load_peft(tmp_path):
     model = prepare_qlora(make_model("llama"), r=4, alpha=8, progress=False)
     targets = [n for n, m in model.named_modules() if isinstance(m, LoraLinear)]
     config = LoraConfig(r=4, lora_alpha=16, use_rslora=True, target_modules=targets, init_lora_weights="gaussian")
-    peft_model = get_peft_model(dequantized_base("llama", model), config)
+    peft_model = get_peft_model(with_dequantized_weights(make_model("llama"), model), config)
     for module in peft_model.modules():
         if hasattr(module, "lora_B"):
             nn.init.normal_(module.lora_B["default"].weight, std=0.05)

@@ -27,6 +27,12 @@ def make_qkv(b, h, hkv, sq, sk, d, dtype, seed):
     return q, k, v
 
 
+def make_packed_qkv(lens_q: list[int], lens_k: list[int], h: int, hkv: int, d: int, gen: torch.Generator):
+    """fp32 leaves q (sum(lens_q), h, d), k and v (sum(lens_k), hkv, d) for the varlen API, drawn from ``gen``."""
+    shapes = ((sum(lens_q), h, d), (sum(lens_k), hkv, d), (sum(lens_k), hkv, d))
+    return tuple(torch.randn(shape, generator=gen, requires_grad=True) for shape in shapes)
+
+
 def run_both(q, k, v, seed=0, **options):
     """(out, lse, dq, dk, dv) of the kernel and of the fp64 reference for the same upstream gradient."""
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1)).to(q.dtype)
@@ -130,35 +136,40 @@ def cu_seqlens(lengths: list[int]) -> torch.Tensor:
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
 
 
+def varlen_vs_padded(q, k, v, lengths: list[int], grad: torch.Tensor, **options) -> list[float]:
+    """Relative errors of out, dq, dk, dv of ``attention_varlen`` on the first ``lengths[b]`` rows of each padded
+    (B, H, S, D) sequence against ``attention`` with the matching key padding mask; ``grad`` (like q) is the
+    upstream gradient, zeroed on the padded query rows."""
+    s = max(lengths)
+    kpm = torch.arange(s)[None, :] < torch.tensor(lengths)[:, None]
+    grad = grad * kpm[:, None, :, None]  # no gradient into padded query rows
+    padded = [t.clone().requires_grad_() for t in (q, k, v)]
+    padded_out = attention(*padded, key_padding_mask=kpm, **options)
+    padded_out.backward(grad)
+    packed = [pack(t, lengths).requires_grad_() for t in (q, k, v)]
+    cu = cu_seqlens(lengths)
+    out = attention_varlen(*packed, cu, cu, s, s, **options)
+    out.backward(pack(grad, lengths))
+    grads = [rel_err(p.grad, pack(t.grad, lengths)) for p, t in zip(packed, padded, strict=True)]
+    return [rel_err(out, pack(padded_out, lengths)), *grads]
+
+
 def test_varlen_matches_padded_api():
     """Packed sequences give the same outputs and gradients as the padded API with a key padding mask."""
     lengths = [17, 1, 40, 29]
     b, s = len(lengths), max(lengths)
     q, k, v = make_qkv(b, 4, 2, s, s, 32, torch.float16, seed=7)
-    kpm = torch.arange(s)[None, :] < torch.tensor(lengths)[:, None]
-    grad = torch.randn(q.shape).to(q.dtype) * kpm[:, None, :, None]  # no gradient into padded query rows
-    options = dict(causal=True, window=(9, None), softcap=6.0)
-
-    padded = [t.clone().requires_grad_() for t in (q, k, v)]
-    attention(*padded, key_padding_mask=kpm, **options).backward(grad)
-    packed = [pack(t, lengths).requires_grad_() for t in (q, k, v)]
-    cu = cu_seqlens(lengths)
-    out = attention_varlen(*packed, cu, cu, s, s, **options)
-    out.backward(pack(grad, lengths))
-
-    padded_out = attention(q, k, v, key_padding_mask=kpm, **options)
-    assert rel_err(out, pack(padded_out, lengths)) < 1e-3
-    for p, t in zip(packed, padded, strict=True):
-        assert rel_err(p.grad, pack(t.grad, lengths)) < 1e-3
+    errors = varlen_vs_padded(
+        q, k, v, lengths, torch.randn(q.shape).to(q.dtype), causal=True, window=(9, None), softcap=6.0
+    )
+    assert max(errors) < 1e-3, errors
 
 
 def test_varlen_unequal_lengths_matches_reference():
     """Different q and k lengths per sequence: causal is bottom-right aligned within each sequence."""
     lens_q, lens_k = [5, 17, 1], [9, 17, 30]
     gen = torch.Generator().manual_seed(11)
-    q = torch.randn(sum(lens_q), 4, 64, generator=gen, requires_grad=True)
-    k = torch.randn(sum(lens_k), 1, 64, generator=gen, requires_grad=True)
-    v = torch.randn(sum(lens_k), 1, 64, generator=gen, requires_grad=True)
+    q, k, v = make_packed_qkv(lens_q, lens_k, 4, 1, 64, gen)
     cu_q, cu_k = cu_seqlens(lens_q), cu_seqlens(lens_k)
     out = attention_varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=True)
     grad = torch.randn(out.shape, generator=gen)
@@ -220,18 +231,8 @@ def test_plain_pytorch_path_without_interpreter(monkeypatch):
     for g, r in zip(got, ref, strict=True):
         finite = torch.isfinite(r)
         assert not g.isnan().any() and rel_err(g[finite], r[finite]) < 1e-5
-    lengths = [4, 21, 9]
-    packed = [pack(t, lengths).requires_grad_() for t in (q, k[:, :, :21], v[:, :, :21])]
-    cu = cu_seqlens(lengths)
-    out = attention_varlen(*packed, cu, cu, 21, 21, causal=True)
-    out.sum().backward()
-    kpm = torch.arange(21)[None, :] < torch.tensor(lengths)[:, None]
-    leaves = [t.clone().requires_grad_() for t in (q, k[:, :, :21], v[:, :, :21])]
-    ref_out = attention(*leaves, causal=True, key_padding_mask=kpm)
-    (ref_out * kpm[:, None, :, None]).sum().backward()
-    assert rel_err(out, pack(ref_out, lengths)) < 1e-5
-    for p, t in zip(packed, leaves, strict=True):
-        assert rel_err(p.grad, pack(t.grad, lengths)) < 1e-5
+    errors = varlen_vs_padded(q, k[:, :, :21], v[:, :, :21], [4, 21, 9], torch.ones(q.shape), causal=True)
+    assert max(errors) < 1e-5, errors
 
 
 @pytest.mark.parametrize(
@@ -277,10 +278,7 @@ def test_bad_varlen_input_raises():
 def test_varlen_with_empty_sequences():
     """A sequence with no queries, and one with queries but no keys (zeros out, zero grads), next to a normal one."""
     lens_q, lens_k = [0, 3, 7], [4, 0, 7]
-    gen = torch.Generator().manual_seed(23)
-    q = torch.randn(sum(lens_q), 2, 16, generator=gen, requires_grad=True)
-    k = torch.randn(sum(lens_k), 2, 16, generator=gen, requires_grad=True)
-    v = torch.randn(sum(lens_k), 2, 16, generator=gen, requires_grad=True)
+    q, k, v = make_packed_qkv(lens_q, lens_k, 2, 2, 16, torch.Generator().manual_seed(23))
     out = attention_varlen(q, k, v, cu_seqlens(lens_q), cu_seqlens(lens_k), 7, 7)
     out.sum().backward()
     assert (out[:3] == 0).all() and (q.grad[:3] == 0).all() and (k.grad[:4] == 0).all()

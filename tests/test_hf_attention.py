@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-import transformers
+from _tiny_models import make_model
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -17,58 +15,39 @@ VOCAB, SEQ = 100, 12
 # A wide init makes attention scores O(1..10): sharp softmaxes and a softcap that matters (at the usual 0.02
 # every row would be close to uniform and a wrong mask would hardly show).
 INIT = 0.3
+# How these tests change the shared tiny models (tests/_tiny_models.py): narrower BERT / GPT-2 / Gemma 2,
+# no dropout, and a Gemma 2 with one key/value head for two query heads, a sliding window shorter than SEQ
+# on its first layer and an attention softcap that bites; LLaVA sees a 16x16 image.
+OVERRIDES = {
+    "bert": dict(
+        hidden_size=32, num_attention_heads=2, intermediate_size=64, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    ),
+    "llama": {},
+    "gpt2": dict(n_embd=32, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2),
+    "gemma2": dict(
+        hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, query_pre_attn_scalar=16,
+        sliding_window=4, layer_types=["sliding_attention", "full_attention"], attn_logit_softcapping=2.0,
+        final_logit_softcapping=30.0,
+    ),
+    "llava": dict(image_size=16, vision_feature_layer=-1, vision_feature_select_strategy="default"),
+}  # fmt: skip
+PADDING_SIDE = {"bert": "right", "llama": "left", "gpt2": "right", "gemma2": "left"}
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def tiny_llama_config(**extra) -> transformers.LlamaConfig:
-    return transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, initializer_range=INIT,
-        **extra,
-    )  # fmt: skip
+def tiny(arch: str, attn_implementation: str, **change) -> torch.nn.Module:
+    """The tiny ``arch`` model of these tests (weights from seed 0, eval mode), with ``change`` to its config."""
+    overrides = {"vocab_size": VOCAB, "initializer_range": INIT, **OVERRIDES[arch], **change}
+    return make_model(arch, 0, attn_implementation, **overrides)
 
 
-def build_bert():
-    config = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=64, initializer_range=INIT, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
-    return transformers.BertForMaskedLM, config, "right"
-
-
-def build_llama():
-    return transformers.LlamaForCausalLM, tiny_llama_config(), "left"
-
-
-def build_gpt2():
-    config = transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, initializer_range=INIT, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
-    return transformers.GPT2LMHeadModel, config, "right"
-
-
-def build_gemma2():
-    config = transformers.Gemma2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
-        layer_types=["sliding_attention", "full_attention"], attn_logit_softcapping=2.0,
-        final_logit_softcapping=30.0, max_position_embeddings=64, initializer_range=INIT,
-    )  # fmt: skip
-    return transformers.Gemma2ForCausalLM, config, "left"
-
-
-BUILDERS = {"bert": build_bert, "llama": build_llama, "gpt2": build_gpt2, "gemma2": build_gemma2}
-
-
-def twin_models(cls, config):
+def twin_models(arch: str):
     """The same random weights with eager and with fastllm attention (fp32, eval mode)."""
-    torch.manual_seed(0)
-    eager = cls._from_config(copy.deepcopy(config), attn_implementation="eager").eval()
-    fast = cls._from_config(copy.deepcopy(config), attn_implementation="fastllm").eval()
+    eager, fast = tiny(arch, "eager"), tiny(arch, "fastllm")
     fast.load_state_dict(eager.state_dict())
     assert eager.config._attn_implementation == "eager" and fast.config._attn_implementation == "fastllm"
     return eager, fast
@@ -117,19 +96,17 @@ def test_register_is_idempotent_and_registers_mask():
     assert "fastllm" in AttentionMaskInterface._global_mapping
 
 
-@pytest.mark.parametrize("arch", list(BUILDERS))
+@pytest.mark.parametrize("arch", list(PADDING_SIDE))
 def test_text_model_matches_eager_with_padding(arch):
-    cls, config, side = BUILDERS[arch]()
-    eager, fast = twin_models(cls, config)
-    ids, mask = batch_with_padding(side)
+    eager, fast = twin_models(arch)
+    ids, mask = batch_with_padding(PADDING_SIDE[arch])
     compare(eager, fast, dict(input_ids=ids, attention_mask=mask), mask)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
 def test_cached_generation_matches_eager(arch):
     """Greedy decoding with a KV cache (Sq = 1 against a growing / sliding cache) and left padding."""
-    cls, config, _ = BUILDERS[arch]()
-    eager, fast = twin_models(cls, config)
+    eager, fast = twin_models(arch)
     ids, mask = batch_with_padding("left", seed=5)
     options = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
     ref, got = (m.generate(input_ids=ids, attention_mask=mask, **options) for m in (eager, fast))
@@ -139,29 +116,20 @@ def test_cached_generation_matches_eager(arch):
 
 def test_gemma2_window_and_softcap_are_exercised():
     """The Gemma 2 case has a window shorter than the sequence and a softcap, and both change the logits."""
-    cls, config, _ = build_gemma2()
-    assert config.sliding_window < SEQ
-    eager, fast = twin_models(cls, config)
+    eager, fast = twin_models("gemma2")
+    assert eager.config.sliding_window < SEQ and eager.config.attn_logit_softcapping is not None
     ids = torch.randint(1, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = eager(input_ids=ids).logits
         assert rel_err(fast(input_ids=ids).logits, ref) < 1e-4
         for change in (dict(sliding_window=4 * SEQ), dict(attn_logit_softcapping=None)):
-            other = cls._from_config(config.__class__(**{**config.to_dict(), **change}), attn_implementation="fastllm")
+            other = tiny("gemma2", "fastllm", **change)
             other.load_state_dict(eager.state_dict())
-            assert rel_err(other.eval()(input_ids=ids).logits, ref) > 1e-3, change
+            assert rel_err(other(input_ids=ids).logits, ref) > 1e-3, change
 
 
 def test_llava_matches_eager():
-    vision = transformers.CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16,
-        patch_size=8, projection_dim=32, initializer_range=INIT,
-    )  # fmt: skip
-    config = transformers.LlavaConfig(
-        vision_config=vision, text_config=tiny_llama_config(), image_token_id=VOCAB - 1,
-        vision_feature_layer=-1, vision_feature_select_strategy="default",
-    )  # fmt: skip
-    eager, fast = twin_models(transformers.LlavaForConditionalGeneration, config)
+    eager, fast = twin_models("llava")
     ids, mask = batch_with_padding("left", seed=3)
     ids[ids == VOCAB - 1] = 1
     ids[:, 5:9] = VOCAB - 1  # 4 patches of a 16x16 image with 8x8 patches (CLS dropped)
@@ -172,7 +140,7 @@ def test_llava_matches_eager():
 
 def test_packed_sequence_mask_is_refused():
     """position_ids that restart inside a row make a block-diagonal mask: refused, not silently ignored."""
-    eager, fast = twin_models(*build_llama()[:2])
+    eager, fast = twin_models("llama")
     ids = torch.randint(1, VOCAB, (1, SEQ))
     position_ids = torch.cat([torch.arange(5), torch.arange(SEQ - 5)])[None]
     with pytest.raises(ValueError, match="attention_mask: fastllm attention expresses a mask"):
@@ -180,9 +148,7 @@ def test_packed_sequence_mask_is_refused():
 
 
 def test_dropout_in_training_is_refused():
-    _, config, _ = build_llama()
-    config.attention_dropout = 0.1
-    model = transformers.LlamaForCausalLM._from_config(config, attn_implementation="fastllm").train()
+    model = tiny("llama", "fastllm", attention_dropout=0.1).train()
     with pytest.raises(ValueError, match="dropout"):
         model(input_ids=torch.randint(1, VOCAB, (1, SEQ)))
 

@@ -3,30 +3,16 @@
 import bitsandbytes as bnb
 import pytest
 import torch
+from _tiny_models import bnb_linear4bit
 from torch import nn
 
 from fastllm import LinearNF4, reference
 from fastllm.nf4 import quantize
+from fastllm.nn.bnb_convert import convert_bnb_linear4bit, linear_nf4_from_bnb
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def bnb_layer(linear: nn.Linear, double_quant: bool = True) -> bnb.nn.Linear4bit:
-    """A bitsandbytes Linear4bit (nf4, uint8 storage) holding ``linear``'s weight, quantized on the CPU."""
-    layer = bnb.nn.Linear4bit(
-        linear.in_features,
-        linear.out_features,
-        bias=linear.bias is not None,
-        quant_type="nf4",
-        compress_statistics=double_quant,
-        quant_storage=torch.uint8,
-    )
-    layer.weight.data = linear.weight.detach().clone()  # keeps the dtype (bf16 stays bf16)
-    if linear.bias is not None:
-        layer.bias.data = linear.bias.detach().clone()
-    return layer.to("cpu")  # bitsandbytes quantizes when the layer moves to a device
 
 
 @pytest.mark.parametrize(
@@ -36,7 +22,7 @@ def bnb_layer(linear: nn.Linear, double_quant: bool = True) -> bnb.nn.Linear4bit
 def test_state_dict_equals_bitsandbytes(in_f, out_f, bias, double_quant, dtype):
     torch.manual_seed(0)
     linear = nn.Linear(in_f, out_f, bias=bias, dtype=dtype)
-    theirs = bnb_layer(linear, double_quant).state_dict()
+    theirs = bnb_linear4bit(linear, double_quant).state_dict()
     ours = LinearNF4.from_linear(linear, double_quant=double_quant).state_dict()
     assert list(ours) == list(theirs)
     for key in theirs:
@@ -48,7 +34,7 @@ def test_state_dict_equals_bitsandbytes(in_f, out_f, bias, double_quant, dtype):
 def test_loads_bitsandbytes_state_dict_and_bnb_loads_ours():
     torch.manual_seed(1)
     linear = nn.Linear(128, 80)
-    theirs = bnb_layer(linear)
+    theirs = bnb_linear4bit(linear)
     # Start from another weight, blocksize and format: loading replaces all of it.
     ours = LinearNF4.from_linear(nn.Linear(128, 80), blocksize=128, double_quant=False)
     result = ours.load_state_dict(theirs.state_dict())
@@ -144,3 +130,32 @@ def test_bad_input():
     missing = {k: v for k, v in layer.state_dict().items() if k != "weight.absmax"}
     with pytest.raises(RuntimeError, match="Missing key.*weight.absmax"):
         layer.load_state_dict(missing)
+
+
+@pytest.mark.parametrize("double_quant, dtype", [(True, torch.float32), (False, torch.bfloat16)])
+def test_converted_bitsandbytes_layers_share_bytes_and_outputs(double_quant, dtype):
+    torch.manual_seed(6)
+    first = bnb_linear4bit(nn.Linear(128, 72, dtype=dtype), double_quant)
+    model = nn.Sequential(first, nn.ReLU(), bnb_linear4bit(nn.Linear(72, 40, bias=False)))
+    x = torch.randn(3, 128)
+    expected = model(x)
+    theirs = [model[0], model[2]]
+    pointers = [(m.weight.data_ptr(), m.weight.quant_state.absmax.data_ptr()) for m in theirs]
+    assert convert_bnb_linear4bit(model) is model
+    for ours, bnb_module, (weight_ptr, absmax_ptr) in zip([model[0], model[2]], theirs, pointers, strict=True):
+        assert isinstance(ours, LinearNF4) and ours.compute_dtype == bnb_module.compute_dtype
+        assert ours.weight.data_ptr() == weight_ptr and ours.absmax.data_ptr() == absmax_ptr
+        assert ours.state_dict().keys() == bnb_module.state_dict().keys()
+        assert all(torch.equal(v, bnb_module.state_dict()[k]) for k, v in ours.state_dict().items())
+    assert rel(model(x), expected) < 1e-5
+
+
+def test_bitsandbytes_conversion_refuses_what_it_cannot_share():
+    with pytest.raises(TypeError, match="module must be a bitsandbytes Linear4bit, got Linear"):
+        linear_nf4_from_bnb(nn.Linear(64, 32))
+    with pytest.raises(ValueError, match="not quantized yet"):
+        linear_nf4_from_bnb(bnb.nn.Linear4bit(64, 32, quant_type="nf4"))
+    with pytest.raises(ValueError, match="only quant_type='nf4'.*'fp4'"):
+        linear_nf4_from_bnb(bnb.nn.Linear4bit(64, 32, quant_type="fp4").to("cpu"))
+    with pytest.raises(ValueError, match="only quant_storage=torch.uint8.*torch.bfloat16"):
+        linear_nf4_from_bnb(bnb.nn.Linear4bit(64, 32, quant_type="nf4", quant_storage=torch.bfloat16).to("cpu"))

@@ -5,7 +5,7 @@ import copy
 import bitsandbytes as bnb
 import pytest
 import torch
-from _tiny_models import ARCHS, make_batch, make_model
+from _tiny_models import ARCHS, bnb_linear4bit, logits, make_batch, make_model, with_dequantized_weights
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -20,22 +20,6 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def features(module: nn.Module) -> tuple[int, int]:
     """(in, out) of an nn.Linear or a Conv1D."""
     return (module.nx, module.nf) if isinstance(module, Conv1D) else (module.in_features, module.out_features)
-
-
-def dequantized_twin(original: nn.Module, prepared: nn.Module) -> nn.Module:
-    """``original`` with every replaced layer's weight set to the dequantized NF4 weight of ``prepared``."""
-    twin = copy.deepcopy(original)
-    for name, module in prepared.named_modules():
-        if isinstance(module, LoraLinear):
-            dense = module.base_layer.dequantize(torch.float32)
-            target = twin.get_submodule(name)
-            target.weight.data = dense.t().contiguous() if isinstance(target, Conv1D) else dense
-    return twin
-
-
-def logits(model: nn.Module, batch: dict) -> torch.Tensor:
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    return model(**inputs).logits
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -65,9 +49,8 @@ def test_prepare_qlora_model(arch):
     assert 0.515 < per_param < 0.518
 
     # At init (B = 0) the model equals the same model with dequantized dense weights.
-    twin = dequantized_twin(original, model)
-    with torch.no_grad():
-        assert rel(logits(model, batch), logits(twin, batch)) < 1e-5
+    twin = with_dequantized_weights(copy.deepcopy(original), model)
+    assert rel(logits(model, batch), logits(twin, batch)) < 1e-5
 
     # Training the adapters lowers the loss.
     model.train()
@@ -159,32 +142,19 @@ def test_hf_gradient_checkpointing_same_grads(use_reentrant):
         assert grads[1][name] is not None and rel(grads[1][name], g) < 1e-6, name
 
 
-def bnb_llama() -> tuple[nn.Module, nn.Module]:
-    """(dense Llama, the same Llama with its decoder linears as bitsandbytes nf4 Linear4bit, quantized on CPU)."""
-    dense = make_model("llama")
-    model = copy.deepcopy(dense)
-    for name in find_targets(model):
-        linear = model.get_submodule(name)
-        layer = bnb.nn.Linear4bit(
-            linear.in_features, linear.out_features, bias=linear.bias is not None, quant_type="nf4"
-        )
-        layer.weight.data = linear.weight.detach().clone()
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer.to("cpu"))
-    return dense, model
-
-
 def test_bitsandbytes_model_converted_reusing_bytes():
-    _, model = bnb_llama()
+    model = make_model("llama")  # its decoder linears become bitsandbytes nf4 Linear4bit, quantized on the CPU
+    for name in find_targets(model):
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, bnb_linear4bit(model.get_submodule(name)))
     batch = make_batch("llama")
-    with torch.no_grad():
-        expected = logits(model, batch)
+    expected = logits(model, batch)
     bnb_layers = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(bnb_layers) == 14  # 7 linears in each of the 2 decoder layers
     pointers = {n: (m.weight.data_ptr(), m.weight.quant_state.absmax.data_ptr()) for n, m in bnb_layers.items()}
     prepare_qlora(model, r=4, progress=False)
     for name, (weight_ptr, absmax_ptr) in pointers.items():
         base = model.get_submodule(name).base_layer
         assert isinstance(base, LinearNF4)
         assert base.weight.data_ptr() == weight_ptr and base.absmax.data_ptr() == absmax_ptr
-    with torch.no_grad():
-        assert rel(logits(model, batch), expected) < 1e-5
+    assert rel(logits(model, batch), expected) < 1e-5

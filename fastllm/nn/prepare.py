@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fastllm.nn.bnb_convert import is_bnb_linear4bit, linear_nf4_from_bnb
 from fastllm.nn.lora import LoraLinear, check_lora_args, is_conv1d
 
 # Path components of modules left dense and frozen by default: vision towers and multimodal projectors.
@@ -19,13 +20,6 @@ DEFAULT_SKIP_MODULES: tuple[str, ...] = (
     "multi_modal_projector",
     "mm_projector",
 )
-
-
-def _is_bnb_nf4(module: nn.Module) -> bool:
-    # Imported lazily: bitsandbytes is optional, and a model can only hold its layers if it is loaded.
-    from fastllm.integrations.bnb import is_bnb_linear4bit
-
-    return is_bnb_linear4bit(module)
 
 
 def _is_linear_like(module: nn.Module) -> bool:
@@ -59,7 +53,7 @@ def find_targets(
     for name, module in model.named_modules():
         if isinstance(module, LoraLinear):
             inside_lora.append(name + ".")
-        if any(name.startswith(p) for p in inside_lora) or not (_is_linear_like(module) or _is_bnb_nf4(module)):
+        if any(name.startswith(p) for p in inside_lora) or not (_is_linear_like(module) or is_bnb_linear4bit(module)):
             continue
         if module is head or _skipped(name, skip) or not wanted(name):
             continue
@@ -106,7 +100,7 @@ def prepare_qlora(
     check_lora_args(r, alpha, dropout)
     names = find_targets(model, target_modules, skip_modules)
     if not names:
-        linears = [n for n, m in model.named_modules() if _is_linear_like(m) or _is_bnb_nf4(m)]
+        linears = [n for n, m in model.named_modules() if _is_linear_like(m) or is_bnb_linear4bit(m)]
         raise ValueError(
             f"target_modules={target_modules!r} (skip_modules={skip_modules!r}) matched no module; "
             f"linear layers in the model: {linears or [n for n, _ in model.named_modules() if n]}"
@@ -134,9 +128,7 @@ def _make_lora(
     blocksize: int,
     double_quant: bool,
 ) -> LoraLinear:
-    if _is_bnb_nf4(module):
-        from fastllm.integrations.bnb import linear_nf4_from_bnb
-
+    if is_bnb_linear4bit(module):
         base = linear_nf4_from_bnb(module, compute_dtype)
         return LoraLinear(base, r, alpha, dropout, use_rslora)
     return LoraLinear.from_linear(module, r, alpha, dropout, use_rslora, True, blocksize, double_quant, compute_dtype)

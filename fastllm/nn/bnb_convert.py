@@ -1,7 +1,8 @@
-"""bitsandbytes interop: turn ``bnb.nn.Linear4bit`` (nf4) layers into :class:`LinearNF4` reusing their bytes.
+"""bitsandbytes ``Linear4bit`` (nf4) layers -> :class:`LinearNF4` layers holding the same bytes.
 
 bitsandbytes and fastllm share the NF4 format, so the packed codes and the (double-quantized)
-statistics move over as they are: no dequantize / re-quantize, no copy.
+statistics move over as they are: no dequantize / re-quantize, no copy. bitsandbytes is never
+imported here: a model can only hold its layers once the user has imported it.
 """
 
 from __future__ import annotations
