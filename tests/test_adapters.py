@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 import transformers as T
+from _metrics import rel_err
 from _tiny_models import logits, make_batch, make_model, with_dequantized_weights
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
@@ -13,10 +14,6 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from fastllm import LoraLinear, load_adapter, merge_and_unload, prepare_qlora, save_adapter, save_merged
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def prepared(arch: str, seed: int = 0) -> nn.Module:
@@ -56,7 +53,7 @@ def test_peft_loads_ours(tmp_path, arch):
         assert torch.equal(theirs[name].lora_A["default"].weight, layer.lora_A), name
         assert torch.equal(theirs[name].lora_B["default"].weight, layer.lora_B), name
     batch = make_batch(arch)
-    assert rel(logits(peft_model, batch), logits(model, batch)) < 1e-5
+    assert rel_err(logits(peft_model, batch), logits(model, batch)) < 1e-5
 
 
 def test_we_load_peft(tmp_path):
@@ -71,7 +68,7 @@ def test_we_load_peft(tmp_path):
     load_adapter(model, tmp_path)
     assert all(m.alpha == 16 and m.use_rslora for m in model.modules() if isinstance(m, LoraLinear))
     batch = make_batch("llama")
-    assert rel(logits(model, batch), logits(peft_model, batch)) < 1e-5
+    assert rel_err(logits(model, batch), logits(peft_model, batch)) < 1e-5
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -84,11 +81,11 @@ def test_merge_and_save_merged(tmp_path, arch):
     names = [n for n, m in model.named_modules() if isinstance(m, LoraLinear)]
     assert all(type(merged.get_submodule(n)) is kind for n in names)
     assert not any(isinstance(m, LoraLinear) for m in merged.modules())
-    assert rel(logits(merged, batch), expected) < 1e-5
+    assert rel_err(logits(merged, batch), expected) < 1e-5
     save_merged(model, tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
     reloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert rel(logits(reloaded, batch), expected) < 1e-5
+    assert rel_err(logits(reloaded, batch), expected) < 1e-5
 
 
 def test_bad_adapters_leave_model_unchanged(tmp_path):

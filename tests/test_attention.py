@@ -5,18 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import triton
+from _metrics import rel_err
 
 from fastllm import reference
 from fastllm.kernels import attention_fwd
 from fastllm.kernels.attention import attention, attention_varlen
 
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in fp64 (the absolute ||out|| where ref is exactly 0, e.g. dq with one key)."""
-    norm = ref.double().norm()
-    return ((out.double() - ref.double()).norm() / (norm if norm > 0 else 1.0)).item()
 
 
 def make_qkv(b, h, hkv, sq, sk, d, dtype, seed):

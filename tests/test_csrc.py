@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 import torch
+from _metrics import rel_err
 
 from fastllm import _backend, reference
 from fastllm.codebook import NF4_CODE, dynamic_map
@@ -17,10 +18,6 @@ pytestmark = pytest.mark.skipif(not _backend.extension_loaded(), reason=f"{_back
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ops = torch.ops.fastllm
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def test_cpp_code_table_equals_python_table():

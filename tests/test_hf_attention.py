@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _metrics import rel_err
 from _tiny_models import make_model
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
@@ -33,10 +34,6 @@ OVERRIDES = {
     "llava": dict(image_size=16, vision_feature_layer=-1, vision_feature_select_strategy="default"),
 }  # fmt: skip
 PADDING_SIDE = {"bert": "right", "llama": "left", "gpt2": "right", "gemma2": "left"}
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def tiny(arch: str, attn_implementation: str, **change) -> torch.nn.Module:

@@ -3,16 +3,13 @@
 import bitsandbytes as bnb
 import pytest
 import torch
+from _metrics import rel_err
 from _tiny_models import bnb_linear4bit
 from torch import nn
 
 from fastllm import LinearNF4, reference
 from fastllm.nf4 import quantize
 from fastllm.nn.bnb_convert import convert_bnb_linear4bit, linear_nf4_from_bnb
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.mark.parametrize(
@@ -40,7 +37,7 @@ def test_loads_bitsandbytes_state_dict_and_bnb_loads_ours():
     result = ours.load_state_dict(theirs.state_dict())
     assert not result.missing_keys and not result.unexpected_keys
     x = torch.randn(5, 128)
-    assert rel(ours(x), theirs(x)) < 1e-5
+    assert rel_err(ours(x), theirs(x)) < 1e-5
     # bitsandbytes loads a quantized state dict through Params4bit.from_prequantized (as transformers does).
     sd = LinearNF4.from_linear(linear).state_dict()
     reloaded = bnb.nn.Linear4bit(128, 80, quant_type="nf4", quant_storage=torch.uint8)
@@ -61,10 +58,10 @@ def test_forward_backward_vs_reference(in_f, out_f, batch):
     x = torch.randn(*batch, in_f, requires_grad=True)
     y = layer(x)
     ref = reference.linear(x.detach(), dense, linear.bias.detach())
-    assert y.dtype == torch.float32 and rel(y, ref) < 1e-5
+    assert y.dtype == torch.float32 and rel_err(y, ref) < 1e-5
     grad = torch.randn_like(y)
     y.backward(grad)
-    assert rel(x.grad, grad.double() @ dense) < 1e-5
+    assert rel_err(x.grad, grad.double() @ dense) < 1e-5
     assert not any(p.requires_grad for p in layer.parameters())
 
 
@@ -76,10 +73,10 @@ def test_compute_dtype_and_autocast():
     ref = reference.linear(x, layer.dequantize(torch.float32), linear.bias.detach())
     y = layer(x)
     assert y.dtype == torch.float32  # computed in fp16, returned in the input's dtype (as bitsandbytes)
-    assert 1e-6 < rel(y, ref) < 3e-3
+    assert 1e-6 < rel_err(y, ref) < 3e-3
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
-    assert y.dtype == torch.bfloat16 and rel(y, ref) < 2e-2
+    assert y.dtype == torch.bfloat16 and rel_err(y, ref) < 2e-2
 
 
 def test_torch_compile_fullgraph():
@@ -90,8 +87,8 @@ def test_torch_compile_fullgraph():
     y = compiled(x)
     y.sum().backward()
     dense = layer.dequantize(torch.float32)
-    assert rel(y, reference.linear(x.detach(), dense, layer.bias.detach())) < 1e-5
-    assert rel(x.grad, torch.ones(3, 64, dtype=torch.float64) @ dense.double()) < 1e-5
+    assert rel_err(y, reference.linear(x.detach(), dense, layer.bias.detach())) < 1e-5
+    assert rel_err(x.grad, torch.ones(3, 64, dtype=torch.float64) @ dense.double()) < 1e-5
 
 
 def test_module_to_dtype_keeps_statistics():
@@ -147,7 +144,7 @@ def test_converted_bitsandbytes_layers_share_bytes_and_outputs(double_quant, dty
         assert ours.weight.data_ptr() == weight_ptr and ours.absmax.data_ptr() == absmax_ptr
         assert ours.state_dict().keys() == bnb_module.state_dict().keys()
         assert all(torch.equal(v, bnb_module.state_dict()[k]) for k, v in ours.state_dict().items())
-    assert rel(model(x), expected) < 1e-5
+    assert rel_err(model(x), expected) < 1e-5
 
 
 def test_bitsandbytes_conversion_refuses_what_it_cannot_share():

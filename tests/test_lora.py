@@ -4,16 +4,13 @@ import math
 
 import pytest
 import torch
+from _metrics import rel_err
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.pytorch_utils import Conv1D
 
 from fastllm import LinearNF4, LoraLinear, reference
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 class Wrapper(nn.Module):
@@ -71,13 +68,13 @@ def test_matches_peft(dropout, use_rslora, quantize, conv1d):
     y1 = ours(x1)
     torch.manual_seed(1)
     y2 = theirs(x2)
-    assert rel(y1, y2) < 1e-6
+    assert rel_err(y1, y2) < 1e-6
     grad = torch.randn_like(y1)
     y1.backward(grad)
     y2.backward(grad)
-    assert rel(x1.grad, x2.grad) < 1e-6
-    assert rel(ours.lora_A.grad, their_layer.lora_A["default"].weight.grad) < 1e-6
-    assert rel(ours.lora_B.grad, their_layer.lora_B["default"].weight.grad) < 1e-6
+    assert rel_err(x1.grad, x2.grad) < 1e-6
+    assert rel_err(ours.lora_A.grad, their_layer.lora_A["default"].weight.grad) < 1e-6
+    assert rel_err(ours.lora_B.grad, their_layer.lora_B["default"].weight.grad) < 1e-6
     assert ours.scaling == pytest.approx(12 / (math.sqrt(8) if use_rslora else 8))
     assert not any(p.requires_grad for p in ours.base_layer.parameters())
 
@@ -92,8 +89,8 @@ def test_dropout_mask_is_applied():
         eval_out = ours(x)
         ours.train()
         a, b = ours(x), ours(x)
-    assert rel(a, b) > 1e-3  # fresh masks each call in training
-    assert rel(a, eval_out) > 1e-3  # and none in eval
+    assert rel_err(a, b) > 1e-3  # fresh masks each call in training
+    assert rel_err(a, eval_out) > 1e-3  # and none in eval
 
 
 def test_saves_no_dense_weight():
@@ -129,12 +126,12 @@ def test_forward_backward_vs_fp64_reference(dropout):
     dense = ours.base_layer.dequantize(torch.float32)
     bias = ours.base_layer.bias.detach()
     ref = reference.lora_linear(leaves[0], dense, bias, leaves[1], leaves[2], ours.scaling, mask, 1 - dropout)
-    assert rel(y, ref) < 1e-6
+    assert rel_err(y, ref) < 1e-6
     grad = torch.randn_like(y)
     y.backward(grad)
     ref.backward(grad.double())
     for ours_grad, ref_leaf in zip((x.grad, ours.lora_A.grad, ours.lora_B.grad), leaves, strict=True):
-        assert rel(ours_grad, ref_leaf.grad) < 1e-6
+        assert rel_err(ours_grad, ref_leaf.grad) < 1e-6
 
 
 def test_torch_compile_fullgraph_matches_eager():
@@ -150,7 +147,7 @@ def test_torch_compile_fullgraph_matches_eager():
         y.pow(2).sum().backward()
         grads.append((y.detach(), x.grad, ours.lora_A.grad, ours.lora_B.grad))
     for c, e in zip(*grads, strict=True):
-        assert rel(c, e) < 1e-6
+        assert rel_err(c, e) < 1e-6
 
 
 def test_autocast_bf16():
@@ -161,7 +158,7 @@ def test_autocast_bf16():
     ref = ours(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = ours(x)
-    assert y.dtype == torch.bfloat16 and rel(y, ref) < 2e-2
+    assert y.dtype == torch.bfloat16 and rel_err(y, ref) < 2e-2
     y.float().sum().backward()
     assert ours.lora_A.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
 

@@ -15,6 +15,7 @@ import textwrap
 
 import pytest
 import torch
+from _metrics import rel_err
 
 from fastllm import nf4, reference
 from fastllm.kernels import nf4_dequant, nf4_dequantize, nf4_matmul, nf4_matmul_t
@@ -22,11 +23,6 @@ from fastllm.kernels.nf4_matmul import cpu_forward
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float32: 1e-5}
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in fp64."""
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def make_weight(n: int, k: int, blocksize: int, double_quant: bool, seed: int) -> nf4.NF4Weight:

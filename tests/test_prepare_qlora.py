@@ -5,16 +5,13 @@ import copy
 import bitsandbytes as bnb
 import pytest
 import torch
+from _metrics import rel_err
 from _tiny_models import ARCHS, bnb_linear4bit, logits, make_batch, make_model, with_dequantized_weights
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from fastllm import LinearNF4, LoraLinear, prepare_qlora
 from fastllm.nn.prepare import find_targets
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def features(module: nn.Module) -> tuple[int, int]:
@@ -50,7 +47,7 @@ def test_prepare_qlora_model(arch):
 
     # At init (B = 0) the model equals the same model with dequantized dense weights.
     twin = with_dequantized_weights(copy.deepcopy(original), model)
-    assert rel(logits(model, batch), logits(twin, batch)) < 1e-5
+    assert rel_err(logits(model, batch), logits(twin, batch)) < 1e-5
 
     # Training the adapters lowers the loss.
     model.train()
@@ -139,7 +136,7 @@ def test_hf_gradient_checkpointing_same_grads(use_reentrant):
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys()
     for name, g in grads[0].items():
-        assert grads[1][name] is not None and rel(grads[1][name], g) < 1e-6, name
+        assert grads[1][name] is not None and rel_err(grads[1][name], g) < 1e-6, name
 
 
 def test_bitsandbytes_model_converted_reusing_bytes():
@@ -157,4 +154,4 @@ def test_bitsandbytes_model_converted_reusing_bytes():
         base = model.get_submodule(name).base_layer
         assert isinstance(base, LinearNF4)
         assert base.weight.data_ptr() == weight_ptr and base.absmax.data_ptr() == absmax_ptr
-    assert rel(logits(model, batch), expected) < 1e-5
+    assert rel_err(logits(model, batch), expected) < 1e-5
