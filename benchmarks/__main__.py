@@ -16,13 +16,6 @@ from benchmarks import environment, report, runner  # noqa: E402
 from benchmarks.harness import Settings  # noqa: E402
 
 
-def _drop_repo_root_from_path() -> None:
-    """Running from the repo root puts it on sys.path, where the folder ``kernels/`` would shadow the
-    PyPI package ``kernels`` that bitsandbytes tries to import; fastllm itself is installed."""
-    root = str(environment.REPO)
-    sys.path[:] = [p for p in sys.path if p not in ("", ".", root)]
-
-
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     p.add_argument("--quick", action="store_true", help="short case list (the README's command)")
@@ -45,7 +38,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available", file=sys.stderr)
         return 2
-    _drop_repo_root_from_path()
     if _INTERPRET is not None:
         print(f"benchmarks: unset TRITON_INTERPRET={_INTERPRET!r} (timing compiled kernels)", file=sys.stderr)
     device = torch.device(args.device)
