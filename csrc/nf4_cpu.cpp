@@ -8,6 +8,8 @@
 // lookups use AVX-512 (permutes, and bf16 dot products for bf16 GEMV input) when the
 // compiler targets it (setup.py passes -march=native), with scalar fallbacks otherwise.
 // All loops are split over blocks or output features with at::parallel_for.
+// The dequantize output, when large, is allocated on huge pages (large_alloc.h).
+#include "large_alloc.h"
 #include "nf4.h"
 
 #include <ATen/Dispatch.h>
@@ -518,7 +520,11 @@ at::Tensor decode_scales(const at::Tensor& codes, const at::Tensor& nested_absma
   const float off = offset.item<float>();
   float* out = scales.mutable_data_ptr<float>();
   // code_map[q] * nested_absmax[block] + offset: two fp32 roundings, as the reference.
-  at::parallel_for(0, n, 16384, [&](int64_t i0, int64_t i1) {
+  // One thread decodes ~2 scales per ns, so a 4096 x 4096 weight's 256K scales take ~0.1 ms:
+  // below 1M scales a second thread saves less than a parallel region can cost (on a busy
+  // machine, waiting for a descheduled worker costs whole scheduler ticks).
+  constexpr int64_t grain = int64_t{1} << 20;
+  at::parallel_for(0, n, grain, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) out[i] = cp[qp[i]] * np[i / kNestedBlocksize] + off;
   });
   return scales;
@@ -528,7 +534,8 @@ at::Tensor dequantize_nf4(const at::Tensor& packed, const at::Tensor& scales, in
                           at::ScalarType dtype) {
   const at::Tensor p = packed.contiguous();
   const at::Tensor s = scales.contiguous();
-  at::Tensor out = at::empty({numel}, p.options().dtype(dtype));
+  // The kernel is cheap next to faulting in a fresh output: put large ones on huge pages.
+  at::Tensor out = empty_large({numel}, dtype);
   FASTLLM_DISPATCH_FLOAT(dtype, "fastllm_dequantize_nf4", [&] {
     dequantize_all(p.const_data_ptr<uint8_t>(), s.const_data_ptr<float>(), numel, blocksize,
                    out.mutable_data_ptr<scalar_t>());

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -64,6 +65,45 @@ def test_quantize_ties_and_tiny_values_match_reference():
     assert torch.equal(packed, ref.packed) and torch.equal(absmax, ref.absmax)
     codes = reference.unpack_nibbles(packed, w.numel())
     assert torch.equal(codes[1:16].long(), torch.arange(15))  # each midpoint -> lower neighbour
+
+
+# Outputs of 32 MiB and more come from csrc/large_alloc.cpp (2 MiB-aligned, huge pages on Linux).
+# Odd numel with a short last block: bf16 output just over 32 MiB, fp32 over 64 MiB.
+LARGE_NUMEL = (16 << 20) + 1037
+HUGE_PAGE = 2 << 20
+
+
+def test_large_dequantize_output_matches_reference_and_is_a_normal_tensor():
+    w = torch.randn(LARGE_NUMEL)
+    packed, absmax, nested, offset = ops.quantize_nf4(w, 64, True, dynamic_map())
+    scales = ops.decode_scales(absmax, nested, offset, dynamic_map())
+    for dtype in (torch.bfloat16, torch.float32):
+        got = ops.dequantize_nf4(packed, scales, 64, LARGE_NUMEL, dtype)
+        want = reference.dequantize_nf4(packed, absmax, nested, offset, 64, (LARGE_NUMEL,), dtype)
+        assert got.dtype == dtype and torch.equal(got, want)
+        if sys.platform.startswith("linux"):
+            assert got.data_ptr() % HUGE_PAGE == 0, "expected the huge-page allocator"
+    # Its storage's allocator serves a resize like torch's own: the values stay.
+    got.resize_(LARGE_NUMEL + HUGE_PAGE)
+    assert torch.equal(got[:LARGE_NUMEL], want)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the resident set size from /proc/self/statm")
+def test_large_dequantize_output_memory_is_released():
+    def rss_bytes() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    packed = torch.randint(0, 256, ((LARGE_NUMEL + 1) // 2,), dtype=torch.uint8)
+    scales = torch.rand(-(-LARGE_NUMEL // 64))
+    ops.dequantize_nf4(packed, scales, 64, LARGE_NUMEL, torch.bfloat16)
+    before = rss_bytes()
+    for _ in range(32):
+        out = ops.dequantize_nf4(packed, scales, 64, LARGE_NUMEL, torch.bfloat16)
+        assert out.abs().max() > 0  # touched and alive here
+        del out
+    # 32 outputs that were never freed would add over 1 GiB.
+    assert rss_bytes() - before < 128 << 20
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
