@@ -11,6 +11,8 @@ Masking semantics (flash-attn compatible). With diag = Sk - Sq, query i may see 
     window=(l, r)     i + diag - l <= j <= i + diag + r   (-1 or None = unbounded side)
     key_padding_mask  mask[b, j] is True
 A query row that sees no key outputs zeros, has lse = -inf and gets zero gradients (never NaN).
+
+``FASTLLM_AUTOTUNE=0`` makes the GPU kernels use their default tiles without autotuning (``attention_fwd``).
 """
 
 from __future__ import annotations

@@ -17,20 +17,25 @@ import triton
 import triton.language as tl
 
 from fastllm.kernels.attention_fwd import (
+    FP32_D256_TILES,
     INTERPRETING,
     AttentionLaunch,
-    autotune_tiles,
+    Tile,
+    autotuned,
+    flat_grid,
+    head_offset,
     kv_block_range,
     new_row_stats,
+    program_tile,
     row_stat_strides,
     scores_log2,
     seq_bounds,
     seq_strides,
+    tile_ptrs,
     visible,
 )
 
 _DELTA_BLOCK = 32 if INTERPRETING else 64
-_BWD_SHAPES = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 4, 2), (32, 32, 4, 1)]
 
 
 @triton.jit
@@ -44,30 +49,51 @@ def _attention_delta_kernel(
 ):  # fmt: skip
     # delta_i = sum_d dO[i, d] * O[i, d] (fp32) = sum_j P_ij dP_ij, the softmax-Jacobian correction; a
     # gradient flowing into lse_i adds P_ij * dlse_i to dS_ij, which is the same as subtracting it from delta.
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
+    b, h, m0 = program_tile(n_heads, seqlen_q, BLOCK_M)
     q_start, q_len, _, _ = seq_bounds(b, cu_seqlens_q, cu_seqlens_q, seqlen_q, seqlen_q, VARLEN)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < q_len
     mask = row_ok[:, None] & (offs_d < head_dim)[None, :]
-    rows = q_start.to(tl.int64) + offs_m
-    o = tl.load(
-        o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + rows[:, None] * stride_os + offs_d[None, :], mask=mask
-    )
-    do = tl.load(
-        do_ptr + b.to(tl.int64) * stride_db + h * stride_dh + rows[:, None] * stride_ds + offs_d[None, :], mask=mask
-    )
+    o_base = o_ptr + head_offset(b, h, q_start, stride_ob, stride_oh, stride_os)
+    do_base = do_ptr + head_offset(b, h, q_start, stride_db, stride_dh, stride_ds)
+    o = tl.load(tile_ptrs(o_base, offs_m, stride_os, offs_d), mask=mask, other=0.0)
+    do = tl.load(tile_ptrs(do_base, offs_m, stride_ds, offs_d), mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    stat = b.to(tl.int64) * stride_lb + h * stride_lh + rows
+    stat = head_offset(b, h, q_start, stride_lb, stride_lh, 1) + offs_m
     if HAS_DLSE:
         delta -= tl.load(dlse_ptr + stat, mask=row_ok, other=0.0)
     tl.store(delta_ptr + stat, delta, mask=row_ok)
 
 
-@autotune_tiles(_BWD_SHAPES)
+# dK/dV and dQ tile candidates (BLOCK_M, BLOCK_N, num_warps, num_stages), the first one the default; checked on
+# sm_90 with ptxas like the forward's (no spills with every mask option on). The dK/dV kernel keeps K, V, dK and
+# dV tiles of BLOCK_N x D in registers, so wide heads get 8 warps; fp32 inputs get small tiles.
+_DKDV_TILES = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (32, 32, 4, 1)]
+_DKDV_TILES_D128 = [(64, 32, 8, 2), (128, 32, 8, 2), (32, 64, 8, 1), (16, 128, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)]
+_DKDV_TILES_D256 = [(32, 32, 8, 1), (64, 32, 8, 2), (16, 32, 8, 1), (16, 32, 4, 1)]
+_DKDV_TILES_FP32 = [(16, 32, 4, 2), (32, 16, 4, 2)]
+_DQ_TILES = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)]
+_DQ_TILES_D256 = [(32, 64, 8, 2), (32, 128, 8, 2), (32, 32, 4, 1)]
+_DQ_TILES_FP32 = [(32, 32, 4, 2), (16, 64, 4, 2), (16, 32, 4, 2)]
+
+
+def dkdv_tiles(block_d: int, fp32: bool) -> list[Tile]:
+    """dK/dV tile candidates for a head-dim bucket (BLOCK_D) and input kind (fp32 or 16-bit)."""
+    if block_d >= 256:
+        return FP32_D256_TILES if fp32 else _DKDV_TILES_D256
+    if fp32:
+        return _DKDV_TILES_FP32
+    return _DKDV_TILES if block_d <= 64 else _DKDV_TILES_D128
+
+
+def dq_tiles(block_d: int, fp32: bool) -> list[Tile]:
+    """dQ tile candidates for a head-dim bucket (BLOCK_D) and input kind (fp32 or 16-bit)."""
+    if block_d >= 256:
+        return FP32_D256_TILES if fp32 else _DQ_TILES_D256
+    return _DQ_TILES_FP32 if fp32 else _DQ_TILES
+
+
 @triton.jit
 def _attention_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
@@ -87,12 +113,8 @@ def _attention_dkdv_kernel(
     VARLEN: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)
-    pid_bkv = tl.program_id(1)
-    b = pid_bkv // n_kv_heads
-    hkv = pid_bkv % n_kv_heads
+    b, hkv, n0 = program_tile(n_kv_heads, seqlen_k, BLOCK_N)
     q_start, q_len, k_start, k_len = seq_bounds(b, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, VARLEN)
-    n0 = pid_n * BLOCK_N
     if n0 >= k_len:
         return
 
@@ -102,11 +124,11 @@ def _attention_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
     kv_mask = (cols[:, None] < k_len) & d_ok[None, :]
-    k_rows = k_start.to(tl.int64) + cols
-    k = tl.load(k_ptr + b.to(tl.int64) * stride_kb + hkv * stride_kh + k_rows[:, None] * stride_ks + offs_d[None, :],
-                mask=kv_mask)  # fmt: skip
-    v = tl.load(v_ptr + b.to(tl.int64) * stride_vb + hkv * stride_vh + k_rows[:, None] * stride_vs + offs_d[None, :],
-                mask=kv_mask)  # fmt: skip
+    # Masked loads read 0: padded head-dim columns (D = 96 in a 128-wide tile) and rows past the end are zeros.
+    k_base = k_ptr + head_offset(b, hkv, k_start, stride_kb, stride_kh, stride_ks)
+    v_base = v_ptr + head_offset(b, hkv, k_start, stride_vb, stride_vh, stride_vs)
+    k = tl.load(tile_ptrs(k_base, cols, stride_ks, offs_d), mask=kv_mask, other=0.0)
+    v = tl.load(tile_ptrs(v_base, cols, stride_vs, offs_d), mask=kv_mask, other=0.0)
     kpm_row = kpm_ptr + b.to(tl.int64) * stride_kpm
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -128,15 +150,14 @@ def _attention_dkdv_kernel(
 
     for g in range(group):
         h = hkv * group + g
-        q_base = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh
-        do_base = do_ptr + b.to(tl.int64) * stride_dob + h * stride_doh
-        stat_base = b.to(tl.int64) * stride_lb + h * stride_lh + q_start
+        q_base = q_ptr + head_offset(b, h, q_start, stride_qb, stride_qh, stride_qs)
+        do_base = do_ptr + head_offset(b, h, q_start, stride_dob, stride_doh, stride_dos)
+        stat_base = head_offset(b, h, q_start, stride_lb, stride_lh, 1)
         for m0 in range(lo, hi, BLOCK_M):
             rows = m0 + offs_m
             row_mask = (rows[:, None] < q_len) & d_ok[None, :]
-            q_rows = q_start.to(tl.int64) + rows
-            q = tl.load(q_base + q_rows[:, None] * stride_qs + offs_d[None, :], mask=row_mask)
-            do = tl.load(do_base + q_rows[:, None] * stride_dos + offs_d[None, :], mask=row_mask)
+            q = tl.load(tile_ptrs(q_base, rows, stride_qs, offs_d), mask=row_mask, other=0.0)
+            do = tl.load(tile_ptrs(do_base, rows, stride_dos, offs_d), mask=row_mask, other=0.0)
             lse2 = tl.load(lse_ptr + stat_base + rows, mask=rows < q_len, other=0.0) * 1.4426950408889634
             delta = tl.load(delta_ptr + stat_base + rows, mask=rows < q_len, other=0.0)
             # P^T for this tile, recomputed from lse: P^T_ji = exp2(S2^T_ji - lse2_i), 0 where invisible.
@@ -154,14 +175,12 @@ def _attention_dkdv_kernel(
                 ds_t = ds_t * (1.0 - t_t * t_t)
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
 
-    dk_base = dk_ptr + b.to(tl.int64) * stride_dkb + hkv * stride_dkh
-    dv_base = dv_ptr + b.to(tl.int64) * stride_dvb + hkv * stride_dvh
-    tl.store(dk_base + k_rows[:, None] * stride_dks + offs_d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty),
-             mask=kv_mask)  # fmt: skip
-    tl.store(dv_base + k_rows[:, None] * stride_dvs + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+    dk_base = dk_ptr + head_offset(b, hkv, k_start, stride_dkb, stride_dkh, stride_dks)
+    dv_base = dv_ptr + head_offset(b, hkv, k_start, stride_dvb, stride_dvh, stride_dvs)
+    tl.store(tile_ptrs(dk_base, cols, stride_dks, offs_d), (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(tile_ptrs(dv_base, cols, stride_dvs, offs_d), dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
-@autotune_tiles(_BWD_SHAPES)
 @triton.jit
 def _attention_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
@@ -180,12 +199,8 @@ def _attention_dq_kernel(
     VARLEN: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
+    b, h, m0 = program_tile(n_heads, seqlen_q, BLOCK_M)
     q_start, q_len, k_start, k_len = seq_bounds(b, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, VARLEN)
-    m0 = pid_m * BLOCK_M
     if m0 >= q_len:
         return
 
@@ -195,16 +210,16 @@ def _attention_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
     row_mask = (rows[:, None] < q_len) & d_ok[None, :]
-    q_rows = q_start.to(tl.int64) + rows
-    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + q_rows[:, None] * stride_qs + offs_d[None, :],
-                mask=row_mask)  # fmt: skip
-    do = tl.load(do_ptr + b.to(tl.int64) * stride_dob + h * stride_doh + q_rows[:, None] * stride_dos
-                 + offs_d[None, :], mask=row_mask)  # fmt: skip
-    stat = b.to(tl.int64) * stride_lb + h * stride_lh + q_rows
+    # Masked loads read 0: padded head-dim columns (D = 96 in a 128-wide tile) and rows past the end are zeros.
+    q = tl.load(tile_ptrs(q_ptr + head_offset(b, h, q_start, stride_qb, stride_qh, stride_qs), rows, stride_qs, offs_d),
+                mask=row_mask, other=0.0)  # fmt: skip
+    do_base = do_ptr + head_offset(b, h, q_start, stride_dob, stride_doh, stride_dos)
+    do = tl.load(tile_ptrs(do_base, rows, stride_dos, offs_d), mask=row_mask, other=0.0)
+    stat = head_offset(b, h, q_start, stride_lb, stride_lh, 1) + rows
     lse2 = tl.load(lse_ptr + stat, mask=rows < q_len, other=0.0) * 1.4426950408889634
     delta = tl.load(delta_ptr + stat, mask=rows < q_len, other=0.0)
-    k_base = k_ptr + b.to(tl.int64) * stride_kb + (h // group) * stride_kh + k_start.to(tl.int64) * stride_ks
-    v_base = v_ptr + b.to(tl.int64) * stride_vb + (h // group) * stride_vh + k_start.to(tl.int64) * stride_vs
+    k_base = k_ptr + head_offset(b, h // group, k_start, stride_kb, stride_kh, stride_ks)
+    v_base = v_ptr + head_offset(b, h // group, k_start, stride_vb, stride_vh, stride_vs)
     kpm_row = kpm_ptr + b.to(tl.int64) * stride_kpm
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
@@ -215,8 +230,8 @@ def _attention_dq_kernel(
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + offs_n
         kv_mask = (cols[:, None] < k_len) & d_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=kv_mask)
-        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=kv_mask)
+        k = tl.load(tile_ptrs(k_base, cols, stride_ks, offs_d), mask=kv_mask, other=0.0)
+        v = tl.load(tile_ptrs(v_base, cols, stride_vs, offs_d), mask=kv_mask, other=0.0)
         # P = exp2(S2 - lse2) recomputed for this tile, 0 where invisible.
         s, t = scores_log2(tl.dot(q, tl.trans(k), input_precision=PRECISION), qk_scale, cap_scale, SOFTCAP)
         ok = visible(
@@ -230,9 +245,12 @@ def _attention_dq_kernel(
             ds = ds * (1.0 - t * t)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
-    dq_base = dq_ptr + b.to(tl.int64) * stride_dqb + h * stride_dqh
-    tl.store(dq_base + q_rows[:, None] * stride_dqs + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
-             mask=row_mask)  # fmt: skip
+    dq_base = dq_ptr + head_offset(b, h, q_start, stride_dqb, stride_dqh, stride_dqs)
+    tl.store(tile_ptrs(dq_base, rows, stride_dqs, offs_d), (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_mask)
+
+
+_dkdv_tuner = autotuned(_attention_dkdv_kernel, dkdv_tiles)
+_dq_tuner = autotuned(_attention_dq_kernel, dq_tiles)
 
 
 def attention_backward(
@@ -251,7 +269,7 @@ def attention_backward(
     delta = new_row_stats(q, params)
     stat_strides = row_stat_strides(delta, params)
     cu_q, cu_k = params.cu_args(q.device)
-    grid = (triton.cdiv(params.max_seqlen_q, _DELTA_BLOCK), params.batch * n_heads)
+    grid = flat_grid(params.max_seqlen_q, _DELTA_BLOCK, params.batch * n_heads, "attention backward")
     _attention_delta_kernel[grid](
         out, do, delta if dlse is None else dlse.contiguous(), delta, cu_q,
         *seq_strides(out, params), *seq_strides(do, params), *stat_strides,
@@ -268,14 +286,14 @@ def attention_backward(
         params.group, params.max_seqlen_q, params.max_seqlen_k, params.head_dim,
         params.scale, params.qk_scale, params.cap_scale, params.window_left, params.window_right, params.seq_bucket,
     )  # fmt: skip
-    grid_kv = lambda meta: (triton.cdiv(params.max_seqlen_k, meta["BLOCK_N"]), params.batch * n_kv_heads)
-    _attention_dkdv_kernel[grid_kv](
+    grid_kv = lambda meta: flat_grid(params.max_seqlen_k, meta["BLOCK_N"], params.batch * n_kv_heads, "attention dK/dV")
+    _dkdv_tuner(params)[grid_kv](
         q, k, v, do, lse, delta, dk, dv, *shared,
         *seq_strides(dk, params), *seq_strides(dv, params), *stat_strides, params.kpm_stride,
         n_kv_heads, *scalars, **params.flags,
     )  # fmt: skip
-    grid_q = lambda meta: (triton.cdiv(params.max_seqlen_q, meta["BLOCK_M"]), params.batch * n_heads)
-    _attention_dq_kernel[grid_q](
+    grid_q = lambda meta: flat_grid(params.max_seqlen_q, meta["BLOCK_M"], params.batch * n_heads, "attention dQ")
+    _dq_tuner(params)[grid_q](
         q, k, v, do, lse, delta, dq, *shared,
         *seq_strides(dq, params), *stat_strides, params.kpm_stride,
         n_heads, *scalars, **params.flags,

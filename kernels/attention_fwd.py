@@ -10,11 +10,18 @@ Visibility of key j to query i (diag = Sk - Sq, bottom-right alignment as flash-
     HAS_RIGHT -> j <= i + diag + window_right       (causal is window_right = 0)
     HAS_KPM   -> key_padding_mask[b, j]
 Only plain pointer arithmetic is used (no tl.make_block_ptr) so the kernels run on triton 3.6 and 3.9 and
-under TRITON_INTERPRET=1.
+under TRITON_INTERPRET=1. Offsets of a (sequence, head) and of rows are int64, so tensors past 2^31 elements
+work; batch x heads is folded into grid axis 0 (see ``flat_grid``), so it may exceed CUDA's 65535 of axis 1.
+
+Autotuning: each kernel has GPU tile candidates per head-dim bucket and input kind (16-bit or fp32), the first
+the default. ``FASTLLM_AUTOTUNE=0`` in the environment (read at import) makes every autotuned kernel launch
+that default alone, with no timing of the others, e.g. for a GPU test run over many odd shapes, where each new
+mask kind or sequence-length bucket would otherwise compile and time every candidate.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,35 +32,52 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+# FASTLLM_AUTOTUNE=0: every autotuned kernel uses only its first (default) tile config (see the module docstring).
+AUTOTUNE = os.environ.get("FASTLLM_AUTOTUNE", "1") != "0"
 
 
-def prune_for_head_dim(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop tile shapes whose q/k/v tiles would not fit in shared memory next to a 256-wide head.
-
-    Triton's autotuner passes the positional launch arguments as ``named_args`` and the keyword ones
-    (BLOCK_D among them) as ``kwargs``.
-    """
-    if {**named_args, **kwargs}["BLOCK_D"] < 256:
-        return configs
-    small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
-    return small or configs[-1:]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) of one autotune candidate.
+Tile = tuple[int, int, int, int]
 
 
-def tile_configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) tuples -> autotune configs; one small tile under the interpreter."""
+def tile_configs(tiles: list[Tile]) -> list[triton.Config]:
+    """Tile tuples -> autotune configs: one small tile under the interpreter, the first (default) tile alone when
+    FASTLLM_AUTOTUNE=0, else all of them."""
     if INTERPRETING:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+    if not AUTOTUNE:
+        tiles = tiles[:1]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
 
 
-def autotune_tiles(shapes: list[tuple[int, int, int, int]]) -> Callable[[triton.JITFunction], triton.runtime.Autotuner]:
-    """The autotune decorator of the attention kernels: tile shapes tried once per head-dim bucket, mask kind and
-    sequence-length bucket, wide heads pruned to small tiles."""
-    return triton.autotune(
-        configs=tile_configs(shapes),
-        key=["BLOCK_D", "HAS_LEFT", "HAS_RIGHT", "HAS_KPM", "SOFTCAP", "VARLEN", "SEQ_BUCKET"],
-        prune_configs_by={"early_config_prune": prune_for_head_dim},
-    )
+def autotuned(
+    kernel: triton.JITFunction, tiles: Callable[[int, bool], list[Tile]]
+) -> Callable[[AttentionLaunch], triton.runtime.Autotuner]:
+    """``kernel`` autotuned over ``tiles(block_d, fp32)``: one autotuner per head-dim bucket and dtype kind, built
+    on first use, each tuning once per mask kind and sequence-length bucket (and tensor dtypes)."""
+
+    @functools.cache
+    def for_bucket(block_d: int, fp32: bool) -> triton.runtime.Autotuner:
+        key = ["HAS_LEFT", "HAS_RIGHT", "HAS_KPM", "SOFTCAP", "VARLEN", "SEQ_BUCKET"]
+        return triton.autotune(configs=tile_configs(tiles(block_d, fp32)), key=key)(kernel)
+
+    return lambda params: for_bucket(params.block_d, params.dtype == torch.float32)
+
+
+def flat_grid(rows: int, block: int, heads: int, what: str) -> tuple[int]:
+    """1-D launch grid of cdiv(rows, block) row tiles for each of ``heads`` (batch x head) pairs.
+
+    The kernels split program_id(0) back into (head pair, row tile) with the row tile varying fastest, so
+    programs running together share one head's keys and values in L2. Axis 0 takes up to 2^31 - 1
+    programs (axes 1 and 2 only 65535), so any batch x heads fits unless the product itself is too large.
+    """
+    programs = triton.cdiv(rows, block) * heads
+    if programs > 2**31 - 1:
+        raise ValueError(
+            f"{what}: {heads} (batch x heads) x {triton.cdiv(rows, block)} row tiles = {programs} programs exceeds "
+            f"the CUDA grid limit 2^31 - 1; split the batch"
+        )
+    return (programs,)
 
 
 @triton.jit
@@ -70,6 +94,27 @@ def seq_bounds(b, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, VARLEN: tl.con
         k_start = b * 0
         k_len = seqlen_k
     return q_start, q_len, k_start, k_len
+
+
+@triton.jit
+def program_tile(n_heads, rows, BLOCK: tl.constexpr):
+    """(batch, head, first row) of this program in ``flat_grid`` order: the row tiles of one head are consecutive."""
+    pid = tl.program_id(0)
+    tiles = tl.cdiv(rows, BLOCK)
+    pid_bh = pid // tiles
+    return pid_bh // n_heads, pid_bh % n_heads, (pid % tiles) * BLOCK
+
+
+@triton.jit
+def head_offset(b, h, start, stride_b, stride_h, stride_s):
+    """b * stride_b + h * stride_h + start * stride_s in int64 (no 32-bit overflow on huge tensors)."""
+    return b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h + start.to(tl.int64) * stride_s
+
+
+@triton.jit
+def tile_ptrs(base, rows, stride_s, offs_d):
+    """Pointers of the (rows, head dim) tile below ``base``, with int64 row offsets."""
+    return base + rows[:, None].to(tl.int64) * stride_s + offs_d[None, :]
 
 
 @triton.jit
@@ -109,8 +154,11 @@ def scores_log2(qk, qk_scale, cap_scale, SOFTCAP: tl.constexpr):
     """
     if SOFTCAP:
         t = 1.0 - 2.0 / (tl.exp2(qk * (qk_scale * 2.0 * 1.4426950408889634)) + 1.0)
-        return t * cap_scale, t
-    return qk * qk_scale, 1.0
+        s2 = t * cap_scale
+    else:
+        t = tl.full(qk.shape, 1.0, tl.float32)  # unused by callers (dead code for the compiler)
+        s2 = qk * qk_scale
+    return s2, t
 
 
 @triton.jit
@@ -247,10 +295,23 @@ class AttentionLaunch:
         return dummy, dummy
 
 
-_FWD_SHAPES = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1)]
+# Forward tile candidates, the first one the default. Each was compiled for sm_90 with every mask option on and
+# checked with ptxas: no register spills, shared memory within 227 KB. Wide heads and fp32 ("ieee" dots, twice
+# the bytes per element) get small tiles.
+_FWD_TILES = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1)]
+_FWD_TILES_D256 = [(64, 64, 8, 3), (128, 32, 8, 2), (64, 32, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)]
+_FWD_TILES_FP32 = [(16, 64, 4, 2), (16, 32, 8, 2), (16, 16, 4, 1)]
+# fp32 at D = 256, for every attention kernel: larger tiles spill heavily (exact fp32 dots run on FMA units).
+FP32_D256_TILES = [(16, 16, 8, 1), (16, 16, 4, 1)]
 
 
-@autotune_tiles(_FWD_SHAPES)
+def forward_tiles(block_d: int, fp32: bool) -> list[Tile]:
+    """Forward tile candidates for a head-dim bucket (BLOCK_D) and input kind (fp32 or 16-bit)."""
+    if block_d >= 256:
+        return FP32_D256_TILES if fp32 else _FWD_TILES_D256
+    return _FWD_TILES_FP32 if fp32 else _FWD_TILES
+
+
 @triton.jit
 def _attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
@@ -268,12 +329,8 @@ def _attention_fwd_kernel(
     VARLEN: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
+    b, h, m0 = program_tile(n_heads, seqlen_q, BLOCK_M)
     q_start, q_len, k_start, k_len = seq_bounds(b, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, VARLEN)
-    m0 = pid_m * BLOCK_M
     if m0 >= q_len:
         return
 
@@ -282,12 +339,14 @@ def _attention_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
-    q_base = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + q_start.to(tl.int64) * stride_qs
-    k_base = k_ptr + b.to(tl.int64) * stride_kb + (h // group) * stride_kh + k_start.to(tl.int64) * stride_ks
-    v_base = v_ptr + b.to(tl.int64) * stride_vb + (h // group) * stride_vh + k_start.to(tl.int64) * stride_vs
+    q_base = q_ptr + head_offset(b, h, q_start, stride_qb, stride_qh, stride_qs)
+    k_base = k_ptr + head_offset(b, h // group, k_start, stride_kb, stride_kh, stride_ks)
+    v_base = v_ptr + head_offset(b, h // group, k_start, stride_vb, stride_vh, stride_vs)
     kpm_row = kpm_ptr + b.to(tl.int64) * stride_kpm
 
-    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=(offs_m[:, None] < q_len) & d_ok[None, :])
+    # Masked loads read 0: padded head-dim columns (D = 96 in a 128-wide tile) and rows past the end are zeros.
+    row_ok = offs_m < q_len
+    q = tl.load(tile_ptrs(q_base, offs_m, stride_qs, offs_d), mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
     # Online softmax state per row: running max m_i (log2 units), running sum l_i of exp2(s - m_i), and the
     # unnormalised output acc = sum_j exp2(s_j - m_i) v_j, all in fp32.
@@ -302,7 +361,7 @@ def _attention_fwd_kernel(
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + offs_n
         kv_mask = (cols[:, None] < k_len) & d_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=kv_mask)
+        k = tl.load(tile_ptrs(k_base, cols, stride_ks, offs_d), mask=kv_mask, other=0.0)
         # S = Q K^T for this tile (fp32 accumulate), scaled into log2 units, invisible entries -> -inf.
         s, _ = scores_log2(tl.dot(q, tl.trans(k), input_precision=PRECISION), qk_scale, cap_scale, SOFTCAP)
         ok = visible(
@@ -318,7 +377,7 @@ def _attention_fwd_kernel(
         # Rescale the old sum and accumulator from the old max to the new one, then add this tile.
         alpha = tl.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=kv_mask)
+        v = tl.load(tile_ptrs(v_base, cols, stride_vs, offs_d), mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
@@ -327,15 +386,17 @@ def _attention_fwd_kernel(
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    o_base = o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + q_start.to(tl.int64) * stride_os
-    row_ok = offs_m < q_len
+    o_base = o_ptr + head_offset(b, h, q_start, stride_ob, stride_oh, stride_os)
     tl.store(
-        o_base + offs_m[:, None] * stride_os + offs_d[None, :],
+        tile_ptrs(o_base, offs_m, stride_os, offs_d),
         out.to(o_ptr.dtype.element_ty),
         mask=row_ok[:, None] & d_ok[None, :],
     )
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-    tl.store(lse_ptr + b.to(tl.int64) * stride_lb + h * stride_lh + q_start + offs_m, lse, mask=row_ok)
+    tl.store(lse_ptr + head_offset(b, h, q_start, stride_lb, stride_lh, 1) + offs_m, lse, mask=row_ok)
+
+
+_forward_tuner = autotuned(_attention_fwd_kernel, forward_tiles)
 
 
 def seq_strides(t: torch.Tensor, params: AttentionLaunch) -> tuple[int, int, int]:
@@ -371,8 +432,8 @@ def attention_forward(
     out = torch.empty_like(q)
     lse = new_row_stats(q, params)
     n_heads = q.shape[1]
-    grid = lambda meta: (triton.cdiv(params.max_seqlen_q, meta["BLOCK_M"]), params.batch * n_heads)
-    _attention_fwd_kernel[grid](
+    grid = lambda meta: flat_grid(params.max_seqlen_q, meta["BLOCK_M"], params.batch * n_heads, "attention forward")
+    _forward_tuner(params)[grid](
         q, k, v, out, lse,
         *params.mask_args(q.device), *params.cu_args(q.device),
         *seq_strides(q, params), *seq_strides(k, params), *seq_strides(v, params), *seq_strides(out, params),

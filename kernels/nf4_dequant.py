@@ -89,7 +89,8 @@ def dequant_tile(
     # Each byte is read once; out-of-range bytes read as 0x77 (two codes of the value 0.0).
     offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
     byte_mask = n_mask[:, None] & (offs_b < K // 2)[None, :]
-    packed = tl.load(data_ptr + offs_n[:, None] * (K // 2) + offs_b[None, :], mask=byte_mask, other=0x77)
+    rows = data_ptr + offs_n[:, None].to(tl.int64) * (K // 2)  # int64: N * K / 2 bytes can pass 2^31
+    packed = tl.load(rows + offs_b[None, :], mask=byte_mask, other=0x77)
     packed = packed.to(tl.int32)
     # Split the nibbles and interleave them back into k order: column 2j is the high nibble of
     # byte j, column 2j + 1 its low nibble (join adds a trailing axis of 2, reshape flattens it).

@@ -10,9 +10,16 @@ registers (``nf4_dequant.dequant_tile``) right before ``tl.dot`` and accumulates
 
 Dispatch: CUDA -> Triton; CPU under ``TRITON_INTERPRET=1`` -> the same Triton kernels; other CPU
 -> the C++ ``fastllm::nf4_gemv`` op for M <= 16 when built, else dequantize + torch matmul.
+
+Environment: ``FASTLLM_AUTOTUNE=0`` (read at import) makes every autotuned kernel launch its first (default)
+config without benchmarking the others, e.g. for a GPU test run over many odd shapes, where each new shape
+bucket would otherwise cost a round of compiling and timing every candidate.
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import triton
@@ -27,6 +34,8 @@ from .nf4_dequant import INTERPRET, check_weight, dequant_tile, scale_args, uses
 SMALL_M = 16
 # Row tiles per band of the GEMM's grouped launch order.
 _GROUP_M = tl.constexpr(8)
+# FASTLLM_AUTOTUNE=0: each autotuned kernel uses only its first (default) config (see the module docstring).
+AUTOTUNE = os.environ.get("FASTLLM_AUTOTUNE", "1") != "0"
 
 
 def _zero_out(nargs: dict) -> None:
@@ -34,9 +43,57 @@ def _zero_out(nargs: dict) -> None:
     nargs["out_ptr"].zero_()
 
 
-def _configs(specs: list[tuple[int, ...]], split: bool) -> list[triton.Config]:
-    # spec: (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)
-    return [
+# Autotune candidates (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) per kernel kind, for 16-bit dot
+# operands and for fp32 ones (fp32 inputs, "ieee" or tf32 dots), which need twice the registers and shared memory
+# per element and so get small tiles. The first entry is the default (all that FASTLLM_AUTOTUNE=0 keeps). Every
+# entry was compiled for sm_90 and checked with ptxas: no register spills, shared memory within 227 KB.
+_TILES = {
+    ("small_m", False): [
+        (16, 32, 128, 1, 4, 4),
+        (16, 128, 64, 1, 4, 4),
+        (16, 64, 128, 2, 8, 4),
+        (16, 32, 256, 2, 8, 3),
+        (16, 64, 128, 4, 8, 3),
+        (16, 64, 128, 8, 8, 3),
+    ],
+    ("large_m", False): [
+        (128, 128, 64, 1, 8, 3),
+        (128, 64, 64, 1, 4, 4),
+        (64, 128, 64, 1, 4, 4),
+        (64, 64, 64, 1, 4, 4),
+        (128, 128, 32, 1, 4, 4),
+    ],
+    ("backward", False): [
+        (128, 128, 64, 1, 8, 3),
+        (128, 64, 64, 1, 4, 4),
+        (64, 128, 64, 1, 4, 4),
+        (64, 64, 64, 1, 4, 4),
+        (128, 64, 128, 1, 8, 3),
+    ],
+    ("small_m", True): [(16, 32, 64, 1, 4, 2), (16, 32, 64, 2, 4, 2), (16, 64, 64, 2, 8, 2)],
+    ("large_m", True): [(64, 64, 32, 1, 8, 2), (32, 64, 32, 1, 4, 2), (64, 32, 32, 1, 4, 2)],
+    ("backward", True): [(32, 32, 64, 1, 4, 2), (64, 32, 32, 1, 4, 2), (32, 32, 32, 1, 4, 2)],
+}
+# The interpreter gets one small config per kernel (no tuning, fast tests); SPLIT_K = 2 keeps the
+# atomic split-K path under test.
+_INTERPRETER_TILES = {
+    "small_m": (16, 64, 64, 2, 4, 1),
+    "large_m": (32, 64, 64, 1, 4, 1),
+    "backward": (32, 64, 64, 1, 4, 1),
+}
+
+
+def tile_specs(kind: str, fp32: bool) -> list[tuple[int, int, int, int, int, int]]:
+    """GPU autotune candidates of ``kind`` ("small_m", "large_m", "backward") for 16-bit or fp32 dot operands."""
+    return _TILES[kind, fp32]
+
+
+@functools.cache
+def _tuner(kind: str, fp32: bool) -> triton.runtime.Autotuner:
+    """The autotuned kernel of ``kind`` for 16-bit or fp32 dot operands, built on first use."""
+    specs = [_INTERPRETER_TILES[kind]] if INTERPRET else tile_specs(kind, fp32)[: None if AUTOTUNE else 1]
+    split = kind == "small_m"
+    configs = [
         triton.Config(
             {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk},
             num_warps=warps,
@@ -45,48 +102,8 @@ def _configs(specs: list[tuple[int, ...]], split: bool) -> list[triton.Config]:
         )
         for bm, bn, bk, sk, warps, stages in specs
     ]
-
-
-# The interpreter gets one small config per kernel (no tuning, fast tests); SPLIT_K = 2 keeps the
-# atomic split-K path under test.
-if INTERPRET:
-    _SMALL_M_CONFIGS = _configs([(16, 64, 64, 2, 4, 1)], split=True)
-    _LARGE_M_CONFIGS = _configs([(32, 64, 64, 1, 4, 1)], split=False)
-    _BACKWARD_CONFIGS = _configs([(32, 64, 64, 1, 4, 1)], split=False)
-else:
-    _SMALL_M_CONFIGS = _configs(
-        [
-            (16, 32, 128, 1, 4, 4),
-            (16, 64, 128, 1, 4, 4),
-            (16, 32, 256, 2, 4, 3),
-            (16, 64, 128, 2, 4, 4),
-            (16, 64, 256, 4, 4, 3),
-            (16, 128, 128, 4, 4, 3),
-            (16, 64, 128, 8, 4, 3),
-            (16, 128, 256, 8, 8, 3),
-        ],
-        split=True,
-    )
-    _LARGE_M_CONFIGS = _configs(
-        [
-            (128, 128, 64, 1, 8, 3),
-            (128, 64, 64, 1, 4, 4),
-            (64, 128, 64, 1, 4, 4),
-            (64, 64, 64, 1, 4, 4),
-            (128, 128, 32, 1, 4, 4),
-        ],
-        split=False,
-    )
-    _BACKWARD_CONFIGS = _configs(
-        [
-            (128, 128, 64, 1, 8, 3),
-            (128, 64, 64, 1, 4, 4),
-            (64, 128, 64, 1, 4, 4),
-            (64, 64, 64, 1, 4, 4),
-            (128, 64, 128, 1, 8, 3),
-        ],
-        split=False,
-    )
+    kernel = _backward_kernel if kind == "backward" else _forward_kernel
+    return triton.autotune(configs, key=["M_BUCKET", "N", "K"])(kernel)
 
 
 @triton.jit
@@ -233,12 +250,6 @@ def _backward_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_k < K)[None, :])
 
 
-_KEY = ["M_BUCKET", "N", "K"]
-_forward_small_m = triton.autotune(_SMALL_M_CONFIGS, key=_KEY)(_forward_kernel)
-_forward_large_m = triton.autotune(_LARGE_M_CONFIGS, key=_KEY)(_forward_kernel)
-_backward = triton.autotune(_BACKWARD_CONFIGS, key=_KEY)(_backward_kernel)
-
-
 def _m_bucket(m: int) -> int:
     # Autotuning key for the row count: powers of two up to 4096, so varying M rarely retunes.
     return min(triton.next_power_of_2(m), 4096)
@@ -262,7 +273,7 @@ def _triton_forward(x2d, data, absmax, nested_absmax, offset, bias, blocksize: i
     small = m <= SMALL_M
     # Split-K adds partials into an fp32 buffer (zeroed by the config's pre-hook).
     out = torch.empty((m, n), dtype=torch.float32 if small else x2d.dtype, device=x2d.device)
-    kernel = _forward_small_m if small else _forward_large_m
+    kernel = _tuner("small_m" if small else "large_m", dot_fp32)
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
@@ -300,7 +311,7 @@ def _triton_backward(g2d, data, absmax, nested_absmax, offset, blocksize: int, k
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)
 
-    _backward[grid](
+    _tuner("backward", dot_fp32)[grid](
         g2d,
         data,
         absmax,

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import triton
 from _metrics import rel_err
 
 from fastllm import reference
-from fastllm.kernels import attention_fwd
+from fastllm.kernels import attention_bwd, attention_fwd
 from fastllm.kernels.attention import attention, attention_varlen
 
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
@@ -282,10 +281,45 @@ def test_varlen_with_empty_sequences():
     assert not (q.grad.isnan().any() or k.grad.isnan().any() or v.grad.isnan().any())
 
 
-def test_gpu_tile_pruning_for_wide_heads():
-    """The autotuner hands BLOCK_D in kwargs (not named_args): wide heads keep only small tiles, others keep all."""
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}) for m, n, _, _ in attention_fwd._FWD_SHAPES]
-    wide = attention_fwd.prune_for_head_dim(configs, {"q_ptr": None}, BLOCK_D=256)
-    assert wide and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 for c in wide)
-    assert len(wide) < len(configs)
-    assert attention_fwd.prune_for_head_dim(configs, {"q_ptr": None}, BLOCK_D=128) == configs
+TILE_TABLES = {"forward": attention_fwd.forward_tiles, "dkdv": attention_bwd.dkdv_tiles, "dq": attention_bwd.dq_tiles}
+
+
+@pytest.mark.parametrize("kernel", list(TILE_TABLES))
+def test_gpu_tiles_shrink_for_wide_heads_and_fp32(kernel):
+    """GPU autotune candidates: wide heads keep only small tiles (q/k/v tiles of 256 columns must fit shared memory
+    next to each other), fp32 ("ieee" dots, twice the bytes) only tiles at most as large, fewer than 16-bit gets."""
+    tiles = TILE_TABLES[kernel]
+    for dim in (16, 32, 64, 128, 256):
+        for fp32 in (False, True):
+            assert tiles(dim, fp32), (dim, fp32)
+            assert len(set(tiles(dim, fp32))) == len(tiles(dim, fp32)), "duplicate candidates"
+    area = lambda tile: tile[0] * tile[1]
+    assert all(area(t) <= 64 * 64 for t in tiles(256, False))
+    assert len(tiles(256, False)) < len(tiles(64, False))
+    for dim in (64, 128, 256):
+        assert max(map(area, tiles(dim, True))) <= min(64 * 64, max(map(area, tiles(dim, False))))
+        assert len(tiles(dim, True)) < len(tiles(dim, False))
+
+
+def test_dkdv_tiles_for_wide_heads_use_eight_warps():
+    """The dK/dV kernel keeps four (BLOCK_N, D) tiles in registers: at D >= 128 half its candidates use 8 warps."""
+    for dim in (128, 256):
+        warps = [t[2] for t in attention_bwd.dkdv_tiles(dim, False)]
+        assert 2 * warps.count(8) >= len(warps), (dim, warps)
+
+
+def test_flat_grid_takes_any_batch_times_heads():
+    """Batch x heads is folded into grid axis 0 (limit 2^31 - 1), so it may pass the 65535 limit of axes 1 and 2."""
+    assert attention_fwd.flat_grid(100, 32, 70_000, "attention forward") == (4 * 70_000,)
+    assert attention_fwd.flat_grid(1, 64, 2**31 - 1, "attention forward") == (2**31 - 1,)
+    with pytest.raises(ValueError, match=r"attention dQ: 65536 \(batch x heads\) x 32768 row tiles .* 2\^31 - 1"):
+        attention_fwd.flat_grid(2**20, 32, 2**16, "attention dQ")
+
+
+def test_many_heads_and_row_tiles_map_to_the_right_programs():
+    """The flat program index splits into (batch, head, row tile) correctly: 3 x 7 heads, GQA 7 -> 1, 4 row tiles."""
+    q, k, v = make_qkv(3, 7, 1, 97, 50, 16, torch.float32, seed=29)
+    got, ref = run_both(q, k, v, causal=True)
+    for g, r in zip(got, ref, strict=True):
+        finite = torch.isfinite(r)
+        assert rel_err(g[finite], r[finite]) < TOL[torch.float32]
