@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import sys
 
 import pytest
 import torch
 from _metrics import rel_err
 
-from fastllm import nf4, reference
+from fastllm import _backend, nf4, reference
 from fastllm.kernels import nf4_dequant, nf4_dequantize, nf4_matmul, nf4_matmul_t
-from fastllm.kernels.nf4_matmul import cpu_forward
+from fastllm.kernels.nf4_matmul import cpu_backward, cpu_forward
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float32: 1e-5}
@@ -119,6 +120,22 @@ def test_cpu_path_forward_backward(cpu_path, lead, dtype):
         assert y.dtype == dtype
         assert rel_err(y, reference.linear(x.reshape(-1, 128), w.dequantize(torch.float32))) < TOL[dtype]
         check_forward_backward(lead, 70, w, dtype, use_bias=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_cpu_path_banded_large_m(cpu_path, monkeypatch, dtype):
+    # Large M dequantizes W a band at a time; tiny bands give many row bands (forward) and several
+    # column bands of whole blocks (backward), the last ones partial.
+    if not _backend.has_op("dequantize_nf4", "cpu"):
+        pytest.skip(f"the banded path needs the C++ extension: {_backend.extension_error()}")
+    monkeypatch.setattr(sys.modules["fastllm.kernels.nf4_matmul"], "_CPU_BAND_BYTES", 4096)
+    w = nf4.quantize(torch.randn(70, 192, generator=torch.Generator().manual_seed(3)), 64, True)
+    x = torch.randn(41, 192).to(dtype)
+    y = cpu_forward(x, w.data, w.absmax, w.nested_absmax, w.offset, None, 64, 70)
+    assert rel_err(y, reference.linear(x, w.dequantize(torch.float32))) < TOL[dtype]
+    g = torch.randn(41, 70).to(dtype)
+    grad_x = cpu_backward(g, w.data, w.absmax, w.nested_absmax, w.offset, 64, 192)
+    assert rel_err(grad_x, g.double() @ w.dequantize(torch.float32).double()) < TOL[dtype]
 
 
 class _NF4Block(torch.nn.Module):
