@@ -29,6 +29,9 @@
 
 #include "nf4.h"
 
+#include <cstdint>
+#include <limits>
+
 #ifdef FASTLLM_WITH_CUDA
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -90,9 +93,11 @@ void check_dequantize(const at::Tensor& packed, const at::Tensor& scales, int64_
   check_dtype(scales, "scales", at::kFloat);
   check_blocksize(blocksize);
   TORCH_CHECK_VALUE(numel >= 0, "numel must be >= 0, got ", numel);
-  TORCH_CHECK_VALUE(packed.numel() >= (numel + 1) / 2, "packed must hold at least (numel + 1) / 2 = ", (numel + 1) / 2,
-                    " bytes, got ", packed.numel());
-  const int64_t nblocks = (numel + blocksize - 1) / blocksize;
+  // Written as quotient + remainder: numel is a caller's int, and numel + 1 may overflow.
+  const int64_t nbytes = numel / 2 + numel % 2;
+  TORCH_CHECK_VALUE(packed.numel() >= nbytes, "packed must hold at least (numel + 1) / 2 = ", nbytes, " bytes, got ",
+                    packed.numel());
+  const int64_t nblocks = numel / blocksize + (numel % blocksize != 0);
   TORCH_CHECK_VALUE(scales.numel() >= nblocks, "scales must hold at least ceil(numel / blocksize) = ", nblocks,
                     " values, got ", scales.numel());
   TORCH_CHECK_TYPE(is_float_dtype(dtype), "dtype must be float32, float16 or bfloat16, got ", dtype);
@@ -109,6 +114,8 @@ void check_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
   const int64_t K = x.size(1);
   TORCH_CHECK_VALUE(K % blocksize == 0, "K = x.size(1) = ", K, " must be a multiple of blocksize ", blocksize);
   TORCH_CHECK_VALUE(N >= 0, "N must be >= 0, got ", N);
+  TORCH_CHECK_VALUE(K == 0 || N <= std::numeric_limits<int64_t>::max() / K, "N * K = ", N, " * ", K,
+                    " overflows int64");
   TORCH_CHECK_VALUE(packed.numel() == N * K / 2, "packed must hold N * K / 2 = ", N * K / 2, " bytes, got ",
                     packed.numel());
   TORCH_CHECK_VALUE(scales.numel() == N * K / blocksize, "scales must hold N * K / blocksize = ", N * K / blocksize,
@@ -220,7 +227,10 @@ at::Tensor nf4_gemv_cuda(const at::Tensor& x, const at::Tensor& packed, const at
   check_gemv(x, packed, scales, blocksize, N);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
-  const at::Tensor p = packed.contiguous();
+  // The kernel reads W as 32-bit words: a view starting at an odd byte (a slice of a larger
+  // buffer) is copied into a fresh, aligned allocation.
+  at::Tensor p = packed.contiguous();
+  if (reinterpret_cast<uintptr_t>(p.const_data_ptr()) % alignof(uint32_t) != 0) p = p.clone();
   const at::Tensor s = scales.contiguous();
   at::Tensor y = at::empty({x.size(0), N}, x.options());
   C10_CUDA_CHECK(cuda::nf4_gemv(xc.const_data_ptr(), to_dtype(x.scalar_type()), x.size(0), x.size(1),

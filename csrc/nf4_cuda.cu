@@ -9,6 +9,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
 #include "nf4.h"
 
 namespace fastllm::cuda {
@@ -210,9 +212,20 @@ __global__ void dequantize_nf4_kernel(const uint8_t* __restrict__ packed, const 
 // GEMV: one warp per output feature n, MT rows of x at once
 // ---------------------------------------------------------------------------------------
 
-// Each lane reads 4 packed bytes (8 weights, never crossing a block since blocksize is a
-// multiple of 32), dequantizes them in registers and multiplies them into MT rows of x;
-// the warp then sums its 32 partial dot products.
+// Each lane reads 4 packed bytes as one 32-bit word (8 weights, never crossing a block since
+// blocksize is a multiple of 32; rows start K / 2 bytes apart, a multiple of 16, and the
+// caller passes a 4-byte-aligned `packed`), dequantizes them in registers and multiplies
+// them into MT rows of x; the warp then sums its 32 partial dot products. For bf16 x each
+// weight is rounded to bf16 first, as the CPU kernel and a dense bf16 matmul of the
+// dequantized weight do.
+// A dequantized weight (code * scale in fp32) as the GEMV multiplies it: rounded to bf16
+// for bf16 x, kept in fp32 otherwise.
+template <typename T>
+__device__ __forceinline__ float as_weight(float w) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(__float2bfloat16_rn(w));
+  return w;
+}
+
 template <typename T, int MT>
 __global__ void nf4_gemv_kernel(const T* __restrict__ x, int64_t K, const uint8_t* __restrict__ packed,
                                 const float* __restrict__ scales, int blocksize, int64_t N, T* __restrict__ y) {
@@ -233,8 +246,8 @@ __global__ void nf4_gemv_kernel(const T* __restrict__ x, int64_t K, const uint8_
 #pragma unroll
     for (int b = 0; b < 4; ++b) {
       const uint32_t byte = (word >> (8 * b)) & 0xFFu;  // little endian: byte b holds elements 2b, 2b + 1
-      w[2 * b] = code[byte >> 4] * scale;
-      w[2 * b + 1] = code[byte & 0x0Fu] * scale;
+      w[2 * b] = as_weight<T>(__fmul_rn(code[byte >> 4], scale));
+      w[2 * b + 1] = as_weight<T>(__fmul_rn(code[byte & 0x0Fu], scale));
     }
 #pragma unroll
     for (int m = 0; m < MT; ++m) {

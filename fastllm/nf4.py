@@ -149,19 +149,23 @@ class NF4Weight:
         if record.get("quant_type") != "nf4":
             raise ValueError(f"{record_key!r}: quant_type must be 'nf4', got {record.get('quant_type')!r}")
         blocksize = int(record["blocksize"])
+        if blocksize not in ALLOWED_BLOCKSIZES:
+            raise ValueError(f"{record_key!r}: blocksize must be one of {ALLOWED_BLOCKSIZES}, got {blocksize}")
         shape = torch.Size(record["shape"])
-        dtype = getattr(torch, record["dtype"])
+        dtype = _DTYPES_BY_NAME.get(record["dtype"])
+        if dtype is None:
+            raise ValueError(f"{record_key!r}: dtype must be one of {sorted(_DTYPES_BY_NAME)}, got {record['dtype']!r}")
         numel = math.prod(shape)
         nblocks = -(-numel // blocksize)
         data = get(prefix)
-        _expect(prefix, data, torch.uint8, ((numel + 1) // 2,))
+        _expect(prefix, data, torch.uint8, (numel + 1) // 2)
         absmax = get(f"{prefix}.absmax")
         nested = "nested_offset" in record
-        _expect(f"{prefix}.absmax", absmax, torch.uint8 if nested else torch.float32, (nblocks,))
+        _expect(f"{prefix}.absmax", absmax, torch.uint8 if nested else torch.float32, nblocks)
         nested_absmax = offset = None
         if nested:
             nested_absmax = get(f"{prefix}.nested_absmax")
-            _expect(f"{prefix}.nested_absmax", nested_absmax, torch.float32, (-(-nblocks // NESTED_BLOCKSIZE),))
+            _expect(f"{prefix}.nested_absmax", nested_absmax, torch.float32, -(-nblocks // NESTED_BLOCKSIZE))
             offset = torch.tensor(float(record["nested_offset"]), dtype=torch.float32, device=data.device)
         return cls(data.reshape(-1), absmax, blocksize, shape, dtype, nested_absmax, offset)
 
@@ -170,11 +174,15 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _expect(key: str, tensor: torch.Tensor, dtype: torch.dtype, numel_shape: tuple[int]) -> None:
+# The dtypes a bitsandbytes quant-state record may name ("bfloat16", ...).
+_DTYPES_BY_NAME = {_dtype_name(d): d for d in FLOAT_DTYPES}
+
+
+def _expect(key: str, tensor: torch.Tensor, dtype: torch.dtype, numel: int) -> None:
     if tensor.dtype != dtype:
         raise ValueError(f"{key!r} must have dtype {dtype}, got {tensor.dtype}")
-    if tensor.numel() != numel_shape[0]:
-        raise ValueError(f"{key!r} must hold {numel_shape[0]} elements, got shape {tuple(tensor.shape)}")
+    if tensor.numel() != numel:
+        raise ValueError(f"{key!r} must hold {numel} elements, got shape {tuple(tensor.shape)}")
 
 
 def check_blocksize(blocksize: int) -> None:

@@ -7,6 +7,7 @@ exists. The quantizers reproduce bitsandbytes (>= 0.46, CPU backend) byte for by
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -88,7 +89,6 @@ def quantize_blockwise_8bit(flat: torch.Tensor, blocksize: int = NESTED_BLOCKSIZ
     [-1, 1] and looked up (see ``_lookup_table``); an all-zero block gets codes 0.
     """
     n = flat.numel()
-    nblocks = -(-n // blocksize)
     absmax = blockwise_absmax(flat, blocksize)
     inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
     scaled = flat * inv.repeat_interleave(blocksize)[:n]
@@ -96,7 +96,6 @@ def quantize_blockwise_8bit(flat: torch.Tensor, blocksize: int = NESTED_BLOCKSIZ
     codes = _lookup_table(dynamic_map()).to(flat.device)[grid_index]
     zero_block = (absmax == 0).repeat_interleave(blocksize)[:n]
     codes = torch.where(zero_block, torch.zeros_like(codes), codes)
-    assert absmax.numel() == nblocks
     return codes, absmax
 
 
@@ -140,9 +139,7 @@ def dequantize_nf4(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """NF4 -> dense: code[q] * scale[block] computed in fp32, then cast to ``dtype``; shape ``shape``."""
-    n = 1
-    for s in shape:
-        n *= s
+    n = math.prod(shape)
     codes = unpack_nibbles(packed.reshape(-1), n)
     scales = block_scales(absmax, nested_absmax, offset)
     values = nf4_code(packed.device)[codes.long()] * scales.repeat_interleave(blocksize)[:n]

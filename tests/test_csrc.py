@@ -179,6 +179,11 @@ def _valid_gemv_args():
             ValueError,
             "scales",
         ),
+        (  # numel + 1 would overflow int64: still a clean error, never a wrapped size
+            lambda: ops.dequantize_nf4(torch.zeros(4, dtype=torch.uint8), torch.ones(1), 32, 2**63 - 1, torch.float32),
+            ValueError,
+            "packed must hold at least",
+        ),
         (
             lambda: ops.dequantize_nf4(torch.zeros(4, dtype=torch.uint8), torch.ones(1), 32, 8, torch.int32),
             TypeError,
@@ -214,6 +219,8 @@ def test_gemv_bad_input_raises_naming_the_argument():
         ops.nf4_gemv(x, packed[:-1], scales, 32, 8)
     with pytest.raises(ValueError, match="scales must hold"):
         ops.nf4_gemv(x, packed, scales[:-1], 32, 8)
+    with pytest.raises(ValueError, match="overflows int64"):
+        ops.nf4_gemv(x, packed, scales, 32, 2**62)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")

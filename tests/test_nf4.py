@@ -255,6 +255,16 @@ def test_state_dict_missing_key_or_wrong_shape():
         NF4Weight.from_bnb_state_dict(wrong)
 
 
+@pytest.mark.parametrize(("field", "value"), [("blocksize", 48), ("dtype", "int8"), ("dtype", "nn")])
+def test_state_dict_bad_record_raises_naming_the_field(field, value):
+    sd = nf4.quantize(torch.randn(16, 64), 64, True).to_bnb_state_dict()
+    key = f"weight.{nf4.BNB_QUANT_STATE_KEY}"
+    record = dict(json.loads(bytes(sd[key].numpy())), **{field: value})
+    bad = dict(sd, **{key: torch.tensor(list(json.dumps(record).encode()), dtype=torch.uint8)})
+    with pytest.raises(ValueError, match=f"{field} must be one of"):
+        NF4Weight.from_bnb_state_dict(bad)
+
+
 def test_quant_maps_are_bitsandbytes_maps():
     _, qs = bnb_quantize(torch.randn(256), 64, True)
     assert torch.equal(nf4_code(), qs.code)
