@@ -12,26 +12,23 @@ Masking semantics (flash-attn compatible). With diag = Sk - Sq, query i may see 
     key_padding_mask  mask[b, j] is True
 A query row that sees no key outputs zeros, has lse = -inf and gets zero gradients (never NaN).
 
-``FASTLLM_AUTOTUNE=0`` makes the GPU kernels use their default tiles without autotuning (``attention_fwd``).
+``FASTLLM_AUTOTUNE=0`` makes the GPU kernels use their default tiles without autotuning (``_config``).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import torch
 
 from fastllm import reference
-from fastllm.kernels.attention_bwd import attention_backward
-from fastllm.kernels.attention_fwd import AttentionLaunch, attention_forward
+
+from ._config import uses_triton
+from .attention_bwd import attention_backward
+from .attention_fwd import AttentionLaunch, attention_forward
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 96, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _window_bound(value: int | None, side: str) -> int:
@@ -180,7 +177,7 @@ def _attention_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     args = (key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left)
     args = (*args, window_right, softcap)
-    if _use_triton(q):
+    if uses_triton(q.device):
         dtype = _kernel_dtype(q)
         qp, kp, vp = (_prep(t, dtype) for t in (q, k, v))
         out, lse = attention_forward(qp, kp, vp, _launch(qp, kp, *args))
@@ -249,7 +246,7 @@ def _attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left)
     args = (*args, window_right, softcap)
-    if _use_triton(q):
+    if uses_triton(q.device):
         dtype = _kernel_dtype(q)
         dop, qp, kp, vp, outp = (_prep(t, dtype) for t in (do, q, k, v, out))
         grads = attention_backward(dop, qp, kp, vp, outp, lse, dlse, _launch(qp, kp, *args))

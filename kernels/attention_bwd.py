@@ -16,9 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fastllm.kernels.attention_fwd import (
+from ._config import INTERPRET
+from .attention_fwd import (
     FP32_D256_TILES,
-    INTERPRETING,
+    LOG2E,
     AttentionLaunch,
     Tile,
     autotuned,
@@ -35,7 +36,7 @@ from fastllm.kernels.attention_fwd import (
     visible,
 )
 
-_DELTA_BLOCK = 32 if INTERPRETING else 64
+_DELTA_BLOCK = 32 if INTERPRET else 64
 
 
 @triton.jit
@@ -158,7 +159,7 @@ def _attention_dkdv_kernel(
             row_mask = (rows[:, None] < q_len) & d_ok[None, :]
             q = tl.load(tile_ptrs(q_base, rows, stride_qs, offs_d), mask=row_mask, other=0.0)
             do = tl.load(tile_ptrs(do_base, rows, stride_dos, offs_d), mask=row_mask, other=0.0)
-            lse2 = tl.load(lse_ptr + stat_base + rows, mask=rows < q_len, other=0.0) * 1.4426950408889634
+            lse2 = tl.load(lse_ptr + stat_base + rows, mask=rows < q_len, other=0.0) * LOG2E
             delta = tl.load(delta_ptr + stat_base + rows, mask=rows < q_len, other=0.0)
             # P^T for this tile, recomputed from lse: P^T_ji = exp2(S2^T_ji - lse2_i), 0 where invisible.
             s_t, t_t = scores_log2(tl.dot(k, tl.trans(q), input_precision=PRECISION), qk_scale, cap_scale, SOFTCAP)
@@ -216,7 +217,7 @@ def _attention_dq_kernel(
     do_base = do_ptr + head_offset(b, h, q_start, stride_dob, stride_doh, stride_dos)
     do = tl.load(tile_ptrs(do_base, rows, stride_dos, offs_d), mask=row_mask, other=0.0)
     stat = head_offset(b, h, q_start, stride_lb, stride_lh, 1) + rows
-    lse2 = tl.load(lse_ptr + stat, mask=rows < q_len, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(lse_ptr + stat, mask=rows < q_len, other=0.0) * LOG2E
     delta = tl.load(delta_ptr + stat, mask=rows < q_len, other=0.0)
     k_base = k_ptr + head_offset(b, h // group, k_start, stride_kb, stride_kh, stride_ks)
     v_base = v_ptr + head_offset(b, h // group, k_start, stride_vb, stride_vh, stride_vs)

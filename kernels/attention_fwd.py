@@ -14,26 +14,24 @@ under TRITON_INTERPRET=1. Offsets of a (sequence, head) and of rows are int64, s
 work; batch x heads is folded into grid axis 0 (see ``flat_grid``), so it may exceed CUDA's 65535 of axis 1.
 
 Autotuning: each kernel has GPU tile candidates per head-dim bucket and input kind (16-bit or fp32), the first
-the default. ``FASTLLM_AUTOTUNE=0`` in the environment (read at import) makes every autotuned kernel launch
-that default alone, with no timing of the others, e.g. for a GPU test run over many odd shapes, where each new
-mask kind or sequence-length bucket would otherwise compile and time every candidate.
+the default, which ``FASTLLM_AUTOTUNE=0`` launches alone (see ``_config``).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-# FASTLLM_AUTOTUNE=0: every autotuned kernel uses only its first (default) tile config (see the module docstring).
-AUTOTUNE = os.environ.get("FASTLLM_AUTOTUNE", "1") != "0"
+from ._config import tuning_candidates
+
+# log2(e) and ln(2), as compile-time constants the kernels can read (scores live in base-2 units).
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) of one autotune candidate.
@@ -43,10 +41,7 @@ Tile = tuple[int, int, int, int]
 def tile_configs(tiles: list[Tile]) -> list[triton.Config]:
     """Tile tuples -> autotune configs: one small tile under the interpreter, the first (default) tile alone when
     FASTLLM_AUTOTUNE=0, else all of them."""
-    if INTERPRETING:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    if not AUTOTUNE:
-        tiles = tiles[:1]
+    tiles = tuning_candidates(tiles, (32, 32, 4, 1))
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
 
 
@@ -153,7 +148,7 @@ def scores_log2(qk, qk_scale, cap_scale, SOFTCAP: tl.constexpr):
     The backward needs ds/dqk = scale * (1 - t^2), hence t is returned.
     """
     if SOFTCAP:
-        t = 1.0 - 2.0 / (tl.exp2(qk * (qk_scale * 2.0 * 1.4426950408889634)) + 1.0)
+        t = 1.0 - 2.0 / (tl.exp2(qk * (qk_scale * 2.0 * LOG2E)) + 1.0)
         s2 = t * cap_scale
     else:
         t = tl.full(qk.shape, 1.0, tl.float32)  # unused by callers (dead code for the compiler)
@@ -216,7 +211,6 @@ class AttentionLaunch:
     key_padding_mask: torch.Tensor | None = None  # bool (B, Sk)
     cu_seqlens_q: torch.Tensor | None = None  # int32 (B + 1,)
     cu_seqlens_k: torch.Tensor | None = None
-    _mask_args: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
 
     @property
     def varlen(self) -> bool:
@@ -241,12 +235,12 @@ class AttentionLaunch:
     @property
     def qk_scale(self) -> float:
         """Multiplier of the raw dot product: scale * log2(e), or scale / softcap (inside the tanh)."""
-        return self.scale / self.softcap if self.has_softcap else self.scale * LOG2E
+        return self.scale / self.softcap if self.has_softcap else self.scale * LOG2E.value
 
     @property
     def cap_scale(self) -> float:
         """Multiplier of tanh(.) when soft-capping: softcap * log2(e)."""
-        return self.softcap * LOG2E if self.has_softcap else 1.0
+        return self.softcap * LOG2E.value if self.has_softcap else 1.0
 
     @property
     def block_d(self) -> int:
@@ -268,17 +262,14 @@ class AttentionLaunch:
 
     def mask_args(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(padding mask as uint8, first unpadded key per sequence, one past the last), or dummies."""
-        if self._mask_args is None:
-            if self.has_kpm:
-                mask = self.key_padding_mask.contiguous()
-                cols = torch.arange(mask.shape[1], device=device, dtype=torch.int32)
-                kv_lo = torch.where(mask, cols, mask.shape[1]).amin(dim=1).to(torch.int32)
-                kv_hi = torch.where(mask, cols + 1, 0).amax(dim=1).to(torch.int32)
-                self._mask_args = (mask.view(torch.uint8), kv_lo, kv_hi)
-            else:
-                dummy = torch.zeros(1, device=device, dtype=torch.int32)
-                self._mask_args = (dummy.view(torch.uint8), dummy, dummy)
-        return self._mask_args
+        if not self.has_kpm:
+            dummy = torch.zeros(1, device=device, dtype=torch.int32)
+            return dummy.view(torch.uint8), dummy, dummy
+        mask = self.key_padding_mask.contiguous()  # the kernels index row b at b * kpm_stride
+        cols = torch.arange(mask.shape[1], device=device, dtype=torch.int32)
+        kv_lo = torch.where(mask, cols, mask.shape[1]).amin(dim=1).to(torch.int32)
+        kv_hi = torch.where(mask, cols + 1, 0).amax(dim=1).to(torch.int32)
+        return mask.view(torch.uint8), kv_lo, kv_hi
 
     @property
     def flags(self) -> dict[str, bool | str | int]:
@@ -289,8 +280,9 @@ class AttentionLaunch:
         )  # fmt: skip
 
     def cu_args(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cu_seqlens_q, cu_seqlens_k) unit-stride (the kernels read entry b at offset b), or dummies."""
         if self.varlen:
-            return self.cu_seqlens_q, self.cu_seqlens_k
+            return self.cu_seqlens_q.contiguous(), self.cu_seqlens_k.contiguous()
         dummy = torch.zeros(1, device=device, dtype=torch.int32)
         return dummy, dummy
 
@@ -392,7 +384,7 @@ def _attention_fwd_kernel(
         out.to(o_ptr.dtype.element_ty),
         mask=row_ok[:, None] & d_ok[None, :],
     )
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
     tl.store(lse_ptr + head_offset(b, h, q_start, stride_lb, stride_lh, 1) + offs_m, lse, mask=row_ok)
 
 

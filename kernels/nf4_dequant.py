@@ -11,7 +11,6 @@ multiple of blocksize, so a block never straddles two rows). Its value is
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -20,16 +19,10 @@ import triton.language as tl
 from fastllm.codebook import NESTED_BLOCKSIZE, dynamic_map, nf4_code
 from fastllm.nf4 import FLOAT_DTYPES, NF4Weight
 
+from ._config import uses_triton
+
 # Double quantization groups this many absmax codes under one nested fp32 scale.
 _NESTED = tl.constexpr(NESTED_BLOCKSIZE)
-
-# Triton decides at decoration time whether kernels run compiled (GPU) or in the CPU interpreter.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def uses_triton(device: torch.device) -> bool:
-    """True when tensors on ``device`` go through the Triton kernels (CUDA, or CPU under the interpreter)."""
-    return device.type == "cuda" or (device.type == "cpu" and INTERPRET)
 
 
 @functools.cache
@@ -38,17 +31,19 @@ def code_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return nf4_code(device), dynamic_map(device)
 
 
-def scale_args(
-    absmax: torch.Tensor, nested_absmax: torch.Tensor | None, offset: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """Kernel arguments (absmax, nested, offset, nf4 table, dynamic map, double_quant) with placeholders.
+def weight_args(
+    data: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None, offset: torch.Tensor | None
+) -> tuple[tuple[torch.Tensor, ...], bool]:
+    """((data, absmax, nested, offset, dynamic map, nf4 table), double_quant): the weight's kernel arguments in
+    ``dequant_tile``'s order, unit-stride (the kernels index them flat).
 
     Without double quantization the nested/offset pointers are never read; ``absmax`` stands in.
     """
     code, dmap = code_tables(absmax.device)
+    data, absmax = data.contiguous(), absmax.contiguous()
     if nested_absmax is None:
-        return absmax, absmax, absmax, code, dmap, False
-    return absmax, nested_absmax, offset, code, dmap, True
+        return (data, absmax, absmax, absmax, dmap, code), False
+    return (data, absmax, nested_absmax.contiguous(), offset, dmap, code), True
 
 
 @triton.jit
@@ -194,25 +189,10 @@ def nf4_dequantize(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tens
     if not uses_triton(w.device):
         return w.dequantize(dtype)
     out = torch.empty((n, k), dtype=dtype, device=w.device)
-    absmax, nested, offset, code, dmap, double_quant = scale_args(w.absmax, w.nested_absmax, w.offset)
+    tensors, double_quant = weight_args(w.data, w.absmax, w.nested_absmax, w.offset)
     block_n, block_k = 32, 64
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
     # No FMA contraction: the nested scale DYNAMIC[q] * nested + offset rounds twice, as in the reference,
     # so the output is bit-identical to fastllm.reference.dequantize_nf4.
-    _dequantize_kernel[grid](
-        w.data.contiguous(),
-        absmax.contiguous(),
-        nested,
-        offset,
-        dmap,
-        code,
-        out,
-        n,
-        k,
-        w.blocksize,
-        double_quant,
-        block_n,
-        block_k,
-        enable_fp_fusion=False,
-    )
+    _dequantize_kernel[grid](*tensors, out, n, k, w.blocksize, double_quant, block_n, block_k, enable_fp_fusion=False)
     return out

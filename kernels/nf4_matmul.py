@@ -12,14 +12,12 @@ Dispatch: CUDA -> Triton; CPU under ``TRITON_INTERPRET=1`` -> the same Triton ke
 -> the C++ ``fastllm::nf4_gemv`` op for M <= 16 when built, else dequantize + torch matmul.
 
 Environment: ``FASTLLM_AUTOTUNE=0`` (read at import) makes every autotuned kernel launch its first (default)
-config without benchmarking the others, e.g. for a GPU test run over many odd shapes, where each new shape
-bucket would otherwise cost a round of compiling and timing every candidate.
+config without benchmarking the others (see ``_config``).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -28,14 +26,13 @@ import triton.language as tl
 from fastllm import _backend
 from fastllm.nf4 import FLOAT_DTYPES, NF4Weight
 
-from .nf4_dequant import INTERPRET, check_weight, dequant_tile, scale_args, uses_triton
+from ._config import INTERPRET, tuning_candidates, uses_triton
+from .nf4_dequant import check_weight, dequant_tile, weight_args
 
 # Decode-sized batches (M rows) take the split-K kernel; larger ones the tiled GEMM.
 SMALL_M = 16
 # Row tiles per band of the GEMM's grouped launch order.
 _GROUP_M = tl.constexpr(8)
-# FASTLLM_AUTOTUNE=0: each autotuned kernel uses only its first (default) config (see the module docstring).
-AUTOTUNE = os.environ.get("FASTLLM_AUTOTUNE", "1") != "0"
 
 
 def _zero_out(nargs: dict) -> None:
@@ -91,7 +88,7 @@ def tile_specs(kind: str, fp32: bool) -> list[tuple[int, int, int, int, int, int
 @functools.cache
 def _tuner(kind: str, fp32: bool) -> triton.runtime.Autotuner:
     """The autotuned kernel of ``kind`` for 16-bit or fp32 dot operands, built on first use."""
-    specs = [_INTERPRETER_TILES[kind]] if INTERPRET else tile_specs(kind, fp32)[: None if AUTOTUNE else 1]
+    specs = tuning_candidates(tile_specs(kind, fp32), _INTERPRETER_TILES[kind])
     split = kind == "small_m"
     configs = [
         triton.Config(
@@ -267,8 +264,7 @@ def _dot_mode(dtype: torch.dtype) -> tuple[bool, str | None]:
 
 def _triton_forward(x2d, data, absmax, nested_absmax, offset, bias, blocksize: int, n: int) -> torch.Tensor:
     m, k = x2d.shape
-    data = data.contiguous()
-    absmax, nested, off, code, dmap, double_quant = scale_args(absmax.contiguous(), nested_absmax, offset)
+    tensors, double_quant = weight_args(data, absmax, nested_absmax, offset)
     dot_fp32, precision = _dot_mode(x2d.dtype)
     small = m <= SMALL_M
     # Split-K adds partials into an fp32 buffer (zeroed by the config's pre-hook).
@@ -279,32 +275,16 @@ def _triton_forward(x2d, data, absmax, nested_absmax, offset, bias, blocksize: i
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
     kernel[grid](
-        x2d,
-        data,
-        absmax,
-        nested,
-        off,
-        dmap,
-        code,
-        bias if bias is not None else x2d,
-        out,
-        m,
-        n,
-        k,
-        _m_bucket(m),
-        HAS_BIAS=bias is not None,
-        BLOCKSIZE=blocksize,
-        DOUBLE_QUANT=double_quant,
-        DOT_FP32=dot_fp32,
-        DOT_PRECISION=precision,
-    )
+        x2d, *tensors, bias if bias is not None else x2d, out, m, n, k, _m_bucket(m),
+        HAS_BIAS=bias is not None, BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant,
+        DOT_FP32=dot_fp32, DOT_PRECISION=precision,
+    )  # fmt: skip
     return out.to(x2d.dtype)
 
 
 def _triton_backward(g2d, data, absmax, nested_absmax, offset, blocksize: int, k: int) -> torch.Tensor:
     m, n = g2d.shape
-    data = data.contiguous()
-    absmax, nested, off, code, dmap, double_quant = scale_args(absmax.contiguous(), nested_absmax, offset)
+    tensors, double_quant = weight_args(data, absmax, nested_absmax, offset)
     dot_fp32, precision = _dot_mode(g2d.dtype)
     out = torch.empty((m, k), dtype=g2d.dtype, device=g2d.device)
 
@@ -312,23 +292,9 @@ def _triton_backward(g2d, data, absmax, nested_absmax, offset, blocksize: int, k
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)
 
     _tuner("backward", dot_fp32)[grid](
-        g2d,
-        data,
-        absmax,
-        nested,
-        off,
-        dmap,
-        code,
-        out,
-        m,
-        n,
-        k,
-        _m_bucket(m),
-        BLOCKSIZE=blocksize,
-        DOUBLE_QUANT=double_quant,
-        DOT_FP32=dot_fp32,
-        DOT_PRECISION=precision,
-    )
+        g2d, *tensors, out, m, n, k, _m_bucket(m),
+        BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, DOT_FP32=dot_fp32, DOT_PRECISION=precision,
+    )  # fmt: skip
     return out
 
 

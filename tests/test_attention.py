@@ -7,7 +7,7 @@ import torch
 from _metrics import rel_err
 
 from fastllm import reference
-from fastllm.kernels import attention_bwd, attention_fwd
+from fastllm.kernels import _config, attention_bwd, attention_fwd
 from fastllm.kernels.attention import attention, attention_varlen
 
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
@@ -159,6 +159,17 @@ def test_varlen_matches_padded_api():
     assert max(errors) < 1e-3, errors
 
 
+def test_varlen_strided_cu_seqlens():
+    """cu_seqlens given as strided views (a column of a 2-D tensor) give the same result as contiguous ones."""
+    lengths = [5, 9, 3]
+    q, k, v = make_packed_qkv(lengths, lengths, 2, 2, 16, torch.Generator().manual_seed(31))
+    cu = cu_seqlens(lengths)
+    strided = torch.stack([cu, cu * 7], dim=1)[:, 0]
+    assert not strided.is_contiguous()
+    expected = attention_varlen(q, k, v, cu, cu, 9, 9, causal=True)
+    assert torch.equal(attention_varlen(q, k, v, strided, strided, 9, 9, causal=True), expected)
+
+
 def test_varlen_unequal_lengths_matches_reference():
     """Different q and k lengths per sequence: causal is bottom-right aligned within each sequence."""
     lens_q, lens_k = [5, 17, 1], [9, 17, 30]
@@ -201,7 +212,7 @@ def test_strided_inputs(interpreter, monkeypatch):
     """HF layout (q a (B, S, H, D) buffer seen as (B, H, S, D)) and a k with non-unit head-dim stride: same results;
     the output keeps q's layout, which is what the fake implementation promises to torch.compile."""
     if not interpreter:
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        monkeypatch.setattr(_config, "INTERPRET", False)
     q, k, v = make_qkv(2, 4, 2, 13, 13, 16, torch.float32, seed=19)
     q_hf = q.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
     k_odd = k.transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_()
@@ -218,7 +229,7 @@ def test_strided_inputs(interpreter, monkeypatch):
 
 def test_plain_pytorch_path_without_interpreter(monkeypatch):
     """CPU tensors without TRITON_INTERPRET take the PyTorch path: same semantics, forward and backward."""
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(_config, "INTERPRET", False)
     q, k, v = make_qkv(3, 4, 2, 21, 30, 16, torch.float32, seed=17)
     kpm = padding_mask("full", 3, 30)
     got, ref = run_both(q, k, v, causal=True, key_padding_mask=kpm, window=(7, None), softcap=3.0)

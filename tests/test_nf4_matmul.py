@@ -16,7 +16,7 @@ import torch
 from _metrics import rel_err
 
 from fastllm import _backend, nf4, reference
-from fastllm.kernels import nf4_dequant, nf4_dequantize, nf4_matmul, nf4_matmul_t
+from fastllm.kernels import _config, nf4_dequantize, nf4_matmul, nf4_matmul_t
 from fastllm.kernels.nf4_matmul import cpu_backward, cpu_forward
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -106,7 +106,7 @@ def test_dequantize_matches_reference_bit_for_bit(blocksize, double_quant, dtype
 @pytest.fixture
 def cpu_path(monkeypatch):
     """Route CPU tensors to the C++ / torch path, as on a machine without TRITON_INTERPRET."""
-    monkeypatch.setattr(nf4_dequant, "INTERPRET", False)
+    monkeypatch.setattr(_config, "INTERPRET", False)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
