@@ -15,6 +15,7 @@ import platform
 import torch
 
 from fastllm import _backend
+from fastllm.kernels._config import uses_triton
 
 
 def _version(distribution: str) -> str:
@@ -41,15 +42,8 @@ def _device_name(device: torch.device) -> str:
     )
 
 
-def _triton_runs(device: torch.device) -> bool:
-    """Triton kernels run on CUDA devices, and on CPU tensors only under TRITON_INTERPRET=1."""
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _matmul_path(device: torch.device) -> str:
-    if _triton_runs(device):
+    if uses_triton(device):
         return "Triton fused dequantize-matmul" + (" (interpreter)" if device.type == "cpu" else "")
     gemv = "C++ nf4_gemv for M <= 16" if _backend.has_op("nf4_gemv", device) else "no fused GEMV"
     dequant = "C++" if _backend.has_op("dequantize_nf4", device) else "reference"
@@ -57,7 +51,7 @@ def _matmul_path(device: torch.device) -> str:
 
 
 def _attention_path(device: torch.device) -> str:
-    if _triton_runs(device):
+    if uses_triton(device):
         return "Triton fused attention" + (" (interpreter)" if device.type == "cpu" else "")
     return "PyTorch reference attention (fp32)"
 
@@ -83,7 +77,7 @@ def report() -> str:
     lines.append("")
     for device in _devices():
         lines.append(f"{device}: {_device_name(device)}")
-        triton_state = "runs" if _triton_runs(device) else "does not run (no GPU, TRITON_INTERPRET unset)"
+        triton_state = "runs" if uses_triton(device) else "does not run (no GPU, TRITON_INTERPRET unset)"
         lines.append(f"  triton     {triton_state}")
         lines.append(f"  nf4 matmul {_matmul_path(device)}")
         lines.append(f"  attention  {_attention_path(device)}")

@@ -120,3 +120,10 @@ def test_bad_adapters_leave_model_unchanged(tmp_path):
             assert torch.equal(param, before[name]), name
     with pytest.raises(ValueError, match="holds no LoraLinear"):
         save_adapter(make_model("llama"), tmp_path / "none")
+    bare = LoraLinear.from_linear(nn.Linear(64, 32), r=4)  # a layer has no path: its keys would be ill-formed
+    for call in (save_adapter, load_adapter):
+        with pytest.raises(ValueError, match="model is itself a LoraLinear"):
+            call(bare, tmp_path / "good")
+    with pytest.raises(ValueError, match="model is itself a LoraLinear"):
+        merge_and_unload(bare)
+    assert [name for name, _ in bare.named_children()] == ["base_layer"]  # no stray "" child was attached

@@ -108,6 +108,16 @@ def test_bad_input_leaves_model_unchanged(kwargs, message):
     assert_unchanged(model, before)
 
 
+@pytest.mark.parametrize("layer", [nn.Linear(64, 32), Conv1D(32, 64)])
+def test_bare_linear_is_refused_unchanged(layer):
+    """A model that is itself a linear layer cannot be replaced in place: a clear error, not a silent no-op."""
+    before = snapshot(layer)
+    with pytest.raises(TypeError, match="model is itself a linear layer"):
+        prepare_qlora(layer, progress=False)
+    assert_unchanged(layer, before)
+    assert find_targets(layer) == []
+
+
 def test_failure_half_way_leaves_model_unchanged():
     model = make_model("llama")
     with torch.no_grad():

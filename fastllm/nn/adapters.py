@@ -32,6 +32,12 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
 
 
 def require_lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    """:func:`lora_layers`, raising ValueError when there is none or when ``model`` is itself a LoraLinear.
+
+    Adapter keys and in-place merging address each layer by its path inside a model; a bare layer has none.
+    """
+    if isinstance(model, LoraLinear):
+        raise ValueError("model is itself a LoraLinear; pass the module that holds it (layers are named by path)")
     layers = lora_layers(model)
     if not layers:
         raise ValueError("model holds no LoraLinear layer (call fastllm.prepare_qlora first)")

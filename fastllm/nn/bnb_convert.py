@@ -57,6 +57,5 @@ def convert_bnb_linear4bit(model: nn.Module) -> nn.Module:
     names = [name for name, m in model.named_modules() if is_bnb_linear4bit(m)]
     new = {name: linear_nf4_from_bnb(model.get_submodule(name)) for name in names}
     for name, module in new.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, module)
+        model.set_submodule(name, module)
     return model

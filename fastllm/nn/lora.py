@@ -35,6 +35,15 @@ def is_conv1d(module: nn.Module) -> bool:
     return isinstance(module, Conv1D)
 
 
+def _split_weight(base: LinearNF4 | nn.Linear) -> tuple[tuple | None, tuple]:
+    # The frozen weight as (meta, tensors) for the autograd function, which must see its tensors as
+    # arguments: meta is None for a dense base (tensors[0] is the (N, K) weight), else the NF4 layout.
+    if isinstance(base, nn.Linear):
+        return None, (base.weight, None, None, None)
+    w = base.nf4_weight()
+    return (w.blocksize, w.shape, w.dtype), (w.data, w.absmax, w.nested_absmax, w.offset)
+
+
 def _base_weight(
     meta: tuple | None,
     data: torch.Tensor,
@@ -42,11 +51,16 @@ def _base_weight(
     nested_absmax: torch.Tensor | None,
     offset: torch.Tensor | None,
 ) -> NF4Weight | torch.Tensor:
-    # meta is None for a dense base (``data`` is the (N, K) weight), else (blocksize, shape, dtype) of NF4.
+    # The inverse of _split_weight.
     if meta is None:
         return data
     blocksize, shape, dtype = meta
     return NF4Weight(data, absmax, blocksize, shape, dtype, nested_absmax, offset)
+
+
+def _dropout(x: torch.Tensor, mask: torch.Tensor | None, keep: float) -> torch.Tensor:
+    # Inverted dropout with a given bool keep-mask (None: no dropout): x * mask / keep.
+    return x if mask is None else x * mask.to(x.dtype) / keep
 
 
 def _base_matmul(x: torch.Tensor, w: NF4Weight | torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -68,8 +82,7 @@ class _LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, bias, mask, scale, keep, meta, data, absmax, nested_absmax, offset):
         w = _base_weight(meta, data, absmax, nested_absmax, offset)
-        xd = x if mask is None else x * mask.to(x.dtype) / keep
-        h = xd @ lora_a.t()
+        h = _dropout(x, mask, keep) @ lora_a.t()
         y = _base_matmul(x, w, bias) + (h @ lora_b.t()) * scale
         ctx.save_for_backward(x, mask, h, lora_a, lora_b, data, absmax, nested_absmax, offset)
         ctx.scale, ctx.keep, ctx.meta = scale, keep, meta
@@ -80,19 +93,17 @@ class _LoraLinearFunction(torch.autograd.Function):
         x, mask, h, lora_a, lora_b, data, absmax, nested_absmax, offset = ctx.saved_tensors
         need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
         grad_y2 = grad_y.reshape(-1, grad_y.shape[-1])
-        grad_h = (grad_y @ lora_b) * ctx.scale
         grad_x = grad_a = grad_b = grad_bias = None
         if need_b:
             grad_b = (grad_y2.t() @ h.reshape(-1, h.shape[-1])) * ctx.scale
+        if need_a or need_x:
+            grad_h = (grad_y @ lora_b) * ctx.scale
         if need_a:
-            xd = x if mask is None else x * mask.to(x.dtype) / ctx.keep
+            xd = _dropout(x, mask, ctx.keep)
             grad_a = grad_h.reshape(-1, grad_h.shape[-1]).t() @ xd.reshape(-1, xd.shape[-1])
         if need_x:
-            grad_lora_x = grad_h @ lora_a
-            if mask is not None:
-                grad_lora_x = grad_lora_x * mask.to(grad_lora_x.dtype) / ctx.keep
             w = _base_weight(ctx.meta, data, absmax, nested_absmax, offset)
-            grad_x = _base_matmul_t(grad_y, w) + grad_lora_x
+            grad_x = _base_matmul_t(grad_y, w) + _dropout(grad_h @ lora_a, mask, ctx.keep)
         if need_bias:
             grad_bias = grad_y2.sum(0)
         return grad_x, grad_a, grad_b, grad_bias, None, None, None, None, None, None, None, None
@@ -193,11 +204,7 @@ class LoraLinear(nn.Module):
         if self.training and self.dropout > 0:
             # Same random stream as F.dropout(x) (as PEFT's nn.Dropout draws it), kept as a bool mask.
             mask = torch.nn.functional.dropout(torch.ones_like(xc), self.dropout, training=True) != 0
-        if isinstance(base, LinearNF4):
-            meta = (base.blocksize, torch.Size((base.out_features, base.in_features)), base.weight_dtype)
-            w = (base.weight.reshape(-1), base.absmax, base.nested_absmax, base.offset)
-        else:
-            meta, w = None, (base.weight, None, None, None)
+        meta, w = _split_weight(base)
         bias = None if base.bias is None else base.bias.to(dtype)
         y = _LoraLinearFunction.apply(
             xc, self.lora_A.to(dtype), self.lora_B.to(dtype), bias, mask, self.scaling, 1.0 - self.dropout, meta, *w

@@ -49,8 +49,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     layers = require_lora_layers(model)
     merged = {name: _merged_layer(layer) for name, layer in layers.items()}
     for name, new in merged.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, new)
+        model.set_submodule(name, new)
     return model
 
 

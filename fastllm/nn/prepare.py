@@ -23,7 +23,8 @@ DEFAULT_SKIP_MODULES: tuple[str, ...] = (
 
 
 def _is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    # What prepare_qlora can replace: nn.Linear, transformers Conv1D, bitsandbytes Linear4bit.
+    return isinstance(module, nn.Linear) or is_conv1d(module) or is_bnb_linear4bit(module)
 
 
 def _skipped(name: str, skip: set[str]) -> bool:
@@ -52,10 +53,11 @@ def find_targets(
     names, inside_lora = [], []
     for name, module in model.named_modules():
         if isinstance(module, LoraLinear):
-            inside_lora.append(name + ".")
-        if any(name.startswith(p) for p in inside_lora) or not (_is_linear_like(module) or is_bnb_linear4bit(module)):
+            inside_lora.append(name + "." if name else "")  # "": the model itself, everything is inside
+        if any(name.startswith(p) for p in inside_lora) or not _is_linear_like(module):
             continue
-        if module is head or _skipped(name, skip) or not wanted(name):
+        # The root (name "") cannot be replaced in place; prepare_qlora refuses a bare linear layer.
+        if not name or module is head or _skipped(name, skip) or not wanted(name):
             continue
         names.append(name)
     return names
@@ -94,13 +96,18 @@ def prepare_qlora(
         ``model``; afterwards only the LoRA A/B matrices have requires_grad=True.
 
     Raises ValueError for bad hyper-parameters or when nothing matches (listing the linear layers
-    that exist). On any error the model is left exactly as it was: every replacement is built
-    before the first one is swapped in.
+    that exist), TypeError when ``model`` is itself a linear layer. On any error the model is left
+    exactly as it was: every replacement is built before the first one is swapped in.
     """
     check_lora_args(r, alpha, dropout)
+    if _is_linear_like(model):
+        raise TypeError(
+            f"model is itself a linear layer ({type(model).__name__}); prepare_qlora replaces the layers inside "
+            "a model in place. Use LoraLinear.from_linear for a single layer"
+        )
     names = find_targets(model, target_modules, skip_modules)
     if not names:
-        linears = [n for n, m in model.named_modules() if _is_linear_like(m) or is_bnb_linear4bit(m)]
+        linears = [n for n, m in model.named_modules() if _is_linear_like(m)]
         raise ValueError(
             f"target_modules={target_modules!r} (skip_modules={skip_modules!r}) matched no module; "
             f"linear layers in the model: {linears or [n for n, _ in model.named_modules() if n]}"
@@ -111,8 +118,7 @@ def prepare_qlora(
             model.get_submodule(name), r, alpha, dropout, use_rslora, compute_dtype, blocksize, double_quant
         )
     for name, new in replacements.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, new)
+        model.set_submodule(name, new)
     for pname, param in model.named_parameters():
         param.requires_grad_(pname.endswith((".lora_A", ".lora_B")))
     return model
