@@ -6,7 +6,7 @@ import pytest
 import torch
 from _metrics import rel_err
 from _tiny_models import make_model
-from transformers import AttentionInterface
+from transformers import AttentionInterface, DataCollatorWithFlattening
 from transformers.masking_utils import AttentionMaskInterface
 
 from fastllm import reference
@@ -135,13 +135,97 @@ def test_llava_matches_eager():
     assert fast.config.vision_config._attn_implementation == "fastllm"
 
 
-def test_packed_sequence_mask_is_refused():
-    """position_ids that restart inside a row make a block-diagonal mask: refused, not silently ignored."""
-    eager, fast = twin_models("llama")
-    ids = torch.randint(1, VOCAB, (1, SEQ))
-    position_ids = torch.cat([torch.arange(5), torch.arange(SEQ - 5)])[None]
+LENGTHS = (5, 3, 7)  # three packed sequences; Gemma 2's window (4) is shorter than two of them
+
+
+def packed_batch(with_offsets: bool) -> dict:
+    """Three random sequences of LENGTHS flattened into one row by transformers' DataCollatorWithFlattening
+    (position_ids restart at 0 per sequence; ``with_offsets`` adds the cu_seq_lens_q/k keyword arguments)."""
+    gen = torch.Generator().manual_seed(7)
+    features = [{"input_ids": torch.randint(1, VOCAB, (n,), generator=gen).tolist()} for n in LENGTHS]
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=with_offsets)(features)
+    batch.pop("labels")
+    assert batch["position_ids"].tolist() == [[i for n in LENGTHS for i in range(n)]]
+    return dict(batch, use_cache=False)
+
+
+@pytest.mark.parametrize("with_offsets", [False, True], ids=["mask", "cu_seq_lens"])
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_packed_sequences_match_separate_sequences(arch, with_offsets):
+    """A packed row equals each sequence run on its own with eager attention (forward), and its gradients equal
+    eager attention under transformers' block-diagonal packed mask (backward)."""
+    eager, fast = twin_models(arch)
+    batch = packed_batch(with_offsets)
+    with torch.no_grad():
+        got = fast(**batch).logits[0]
+        pieces = batch["input_ids"][0].split(LENGTHS)
+        ref = torch.cat([eager(input_ids=piece[None], use_cache=False).logits[0] for piece in pieces])
+    assert rel_err(got, ref) < 1e-4
+    # the sequences are really kept apart: running the row as one sequence gives other logits
+    with torch.no_grad():
+        assert rel_err(fast(input_ids=batch["input_ids"], use_cache=False).logits[0], ref) > 1e-3
+    compare(eager, fast, batch, torch.ones_like(batch["input_ids"]))
+
+
+def segment_reference(q, k, v, bounds: list[list[int]], **options) -> torch.Tensor:
+    """reference.attention on every segment [start, end) of every row separately, (B, H, S, D) -> (B, S, H, D)."""
+    rows = []
+    for b, row in enumerate(bounds):
+        parts = [reference.attention(*(t[b : b + 1, :, s:e] for t in (q, k, v)), **options)[0] for s, e in row]
+        rows.append(torch.cat(parts, dim=2))
+    return torch.cat(rows).transpose(1, 2).to(q.dtype)
+
+
+def block_mask(bounds: list[list[int]], seq: int, causal: bool, window: tuple[int, int] | None = None) -> torch.Tensor:
+    """The bool (B, 1, S, S) mask of the blocks [start, end) of each row, causal and windowed as a sequence."""
+    mask = torch.zeros(len(bounds), 1, seq, seq, dtype=torch.bool)
+    for b, row in enumerate(bounds):
+        for s, e in row:
+            mask[b, 0, s:e, s:e] = True
+    return mask & reference.attention_visibility(seq, seq, causal=causal, window=window)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_function_reads_block_diagonal_masks(causal):
+    """Direct calls, two rows packed differently (one with a single-token block): causal blocks with a window and
+    softcap, and bidirectional blocks, equal the reference run on each block; gradients too."""
+    gen = torch.Generator().manual_seed(8)
+    bounds = [[(0, 4), (4, 5), (5, 11)], [(0, 7), (7, 11)]]
+    q, k, v = (torch.randn(2, 4 // n, 11, 16, generator=gen).requires_grad_() for n in (1, 2, 2))
+    module = torch.nn.Module()
+    module.is_causal = causal
+    window = (2, 0) if causal else (3, 3)  # what sliding_window=3 means for a causal / bidirectional layer
+    mask = block_mask(bounds, 11, causal, window)
+    out, _ = fastllm_hf.fastllm_attention_forward(module, q, k, v, mask, scaling=0.3, sliding_window=3, softcap=3.0)
+    ref = segment_reference(q, k, v, bounds, causal=causal, window=window, scale=0.3, softcap=3.0)
+    assert rel_err(out, ref) < 1e-5
+    grad_out = torch.randn(out.shape, generator=gen)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
+    assert max(rel_err(g, r) for g, r in zip(grads, ref_grads, strict=True)) < 1e-5
+
+
+def test_inexpressible_packed_masks_are_refused():
+    """Block-diagonal but bidirectional inside the blocks under a causal layer, padding inside a packed row, and
+    cu_seq_lens offsets that disagree with the mask all raise instead of running another mask."""
+    q = torch.randn(1, 2, 8, 16)
+    module = torch.nn.Module()
+    module.is_causal = True
+    bounds = [[(0, 3), (3, 8)]]
+    padded = block_mask(bounds, 8, causal=True)
+    padded[..., 1] = False
+    padded[0, 0, 1, 0] = True  # keep query 1 seeing a key
+    for mask in (block_mask(bounds, 8, causal=False), padded):
+        with pytest.raises(ValueError, match="attention_mask: fastllm attention expresses a mask"):
+            fastllm_hf.fastllm_attention_forward(module, q, q, q, mask)
+    offsets = torch.tensor([0, 4, 8], dtype=torch.int32)
     with pytest.raises(ValueError, match="attention_mask: fastllm attention expresses a mask"):
-        fast(input_ids=ids, position_ids=position_ids, use_cache=False)
+        fastllm_hf.fastllm_attention_forward(
+            module, q, q, q, block_mask(bounds, 8, causal=True), cu_seq_lens_q=offsets, cu_seq_lens_k=offsets
+        )
+    with pytest.raises(ValueError, match="cu_seq_lens_q: expected offsets"):
+        bad = torch.tensor([0, 4, 9], dtype=torch.int32)
+        fastllm_hf.fastllm_attention_forward(module, q, q, q, None, cu_seq_lens_q=bad, cu_seq_lens_k=bad)
 
 
 def test_dropout_in_training_is_refused():
