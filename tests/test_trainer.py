@@ -1,0 +1,186 @@
+"""fastllm.integrations.trainer: Trainer checkpoints hold the LoRA adapter alone, in PEFT format, and resume exactly.
+
+One tiny Llama (NF4 + LoRA with dropout) trained by Trainer with bf16 autocast, gradient accumulation and
+non-reentrant gradient checkpointing for 4 optimizer steps, checkpointing every 2; a second run, from a model whose
+adapter starts elsewhere, resumes from the step-3 checkpoint and must log the same losses and end on the same adapter,
+bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from _metrics import rel_err
+from _tiny_models import VOCAB, logits, make_model, with_dequantized_weights
+from safetensors.torch import load_file
+from transformers import TrainerCallback, TrainingArguments
+
+from fastllm import LoraLinear, prepare_qlora
+from fastllm.integrations.trainer import Trainer
+from fastllm.kernels import _config
+from fastllm.nn.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
+
+STEPS, SAVE_EVERY, SEQ = 4, 2, 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def plain_cpu_path():
+    """NF4 matmuls and attention take the plain CPU path (dequantize + torch) instead of the interpreted Triton
+    kernels, which their own tests cover: four training runs stay within the time budget."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_config, "INTERPRET", False)
+        yield
+
+
+class LossLog(TrainerCallback):
+    """The losses a run logs itself, by step (``state.log_history`` also holds those of the checkpoint it resumed)."""
+
+    def __init__(self):
+        self.losses: dict[int, float] = {}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses[state.global_step] = logs["loss"]
+
+
+def qlora_llama(adapter_seed: int) -> torch.nn.Module:
+    """The tiny Llama (base weights from seed 0), NF4 + LoRA r=4 with dropout, its adapter drawn from adapter_seed."""
+    model = make_model("llama")
+    torch.manual_seed(adapter_seed)
+    return prepare_qlora(model, r=4, alpha=8, dropout=0.1, progress=False)
+
+
+def dataset(n: int = 16) -> list[dict[str, torch.Tensor]]:
+    """Arithmetic token sequences (start a, stride b): learnable, so the loss visibly falls within a few steps."""
+    g = torch.Generator().manual_seed(123)
+    rows = []
+    for _ in range(n):
+        a, b = torch.randint(1, VOCAB, (2,), generator=g).tolist()
+        ids = (a + b * torch.arange(SEQ)) % (VOCAB - 1) + 1
+        rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    return rows
+
+
+def make_trainer(model: torch.nn.Module, output_dir: Path) -> Trainer:
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=STEPS,
+        save_steps=SAVE_EVERY,
+        logging_steps=1,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=2e-2,
+        bf16=True,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        use_cpu=True,
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
+    )
+    return Trainer(model=model, args=args, train_dataset=dataset(), callbacks=[LossLog()])
+
+
+def losses(trainer: Trainer) -> dict[int, float]:
+    return next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, LossLog)).losses
+
+
+def lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B"))}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("trainer")
+    full = make_trainer(qlora_llama(adapter_seed=0), root / "full")
+    full.train()
+    resumed_model = qlora_llama(adapter_seed=1)
+    start = lora_state(resumed_model)
+    resumed = make_trainer(resumed_model, root / "resumed")
+    resumed.train(resume_from_checkpoint=str(root / "full" / f"checkpoint-{SAVE_EVERY}"))
+    return {"root": root, "full": full, "resumed": resumed, "resumed_start": start}
+
+
+def test_resume_reproduces_the_uninterrupted_run(runs):
+    full, resumed = losses(runs["full"]), losses(runs["resumed"])
+    assert sorted(full) == list(range(1, STEPS + 1))
+    assert full[STEPS] < full[1]  # it trains
+    assert sorted(resumed) == list(range(SAVE_EVERY + 1, STEPS + 1))
+    for step, loss in resumed.items():
+        assert loss == full[step], (step, resumed, full)  # exactly: same adapter, optimizer, RNG and batches
+    end_full, end_resumed = lora_state(runs["full"].model), lora_state(runs["resumed"].model)
+    assert end_full.keys() == end_resumed.keys() and len(end_full) == 2 * 7 * 2
+    for key, value in end_full.items():
+        assert torch.equal(value, end_resumed[key]), key
+    # The resumed model started from another adapter: equality means the checkpoint's adapter was loaded.
+    assert not torch.equal(runs["resumed_start"][key], value)
+
+
+def _tensors_in(path: Path) -> list[torch.Tensor]:
+    """Every tensor stored in a checkpoint file (safetensors, or torch.save'd state without pickled code)."""
+    if path.suffix == ".safetensors":
+        return list(load_file(path).values())
+    if path.suffix in (".pt", ".pth", ".bin"):
+        found: list[torch.Tensor] = []
+
+        def walk(obj):
+            if isinstance(obj, torch.Tensor):
+                found.append(obj)
+            elif isinstance(obj, dict):
+                for v in obj.values():
+                    walk(v)
+            elif isinstance(obj, (list, tuple)):
+                for v in obj:
+                    walk(v)
+
+        walk(torch.load(path, map_location="cpu", weights_only=False))
+        return found
+    return []
+
+
+def test_checkpoint_holds_the_adapter_alone(runs):
+    model = runs["full"].model
+    checkpoint = runs["root"] / "full" / f"checkpoint-{SAVE_EVERY}"
+    names = {p.name for p in checkpoint.iterdir()}
+    assert {ADAPTER_WEIGHTS, ADAPTER_CONFIG, "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= names
+    assert not names & {"model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"}, names
+
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+    adapter = load_file(checkpoint / ADAPTER_WEIGHTS)
+    expected = {f"{PEFT_PREFIX}{n}.lora_{ab}.weight" for n in layers for ab in "AB"}
+    assert set(adapter) == expected
+    config = json.loads((checkpoint / ADAPTER_CONFIG).read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    assert sorted(config["target_modules"]) == sorted(layers)
+
+    # No frozen tensor of the model (NF4 bytes, absmax, embeddings, norms, head) is anywhere in the checkpoint.
+    frozen = [t for k, t in model.state_dict().items() if not k.endswith((".lora_A", ".lora_B"))]
+    stored = [t for p in checkpoint.iterdir() for t in _tensors_in(p)]
+    for t in stored:
+        assert not any(t.shape == f.shape and t.dtype == f.dtype and torch.equal(t, f) for f in frozen), t.shape
+    # Its size is the adapter's (+ AdamW's two moments of the same shapes + small state files), not the model's.
+    adapter_bytes = sum(t.numel() * t.element_size() for t in adapter.values())
+    total = sum(p.stat().st_size for p in checkpoint.iterdir())
+    assert (checkpoint / ADAPTER_WEIGHTS).stat().st_size < adapter_bytes + 16 * 1024
+    assert total < 3 * adapter_bytes + 64 * 1024, (total, adapter_bytes)
+
+
+def test_peft_loads_the_checkpoint_onto_the_dense_base(runs):
+    from peft import PeftModel
+
+    # Trainer's accelerate wraps the model's forward in bf16 autocast; compare the model itself, in fp32.
+    ours = runs["full"].accelerator.unwrap_model(runs["full"].model, keep_fp32_wrapper=False).eval()
+    checkpoint = runs["root"] / "full" / f"checkpoint-{STEPS}"
+    # The dense base with our dequantized NF4 weights: the adapter is the only other difference.
+    dense = with_dequantized_weights(make_model("llama"), ours)
+    peft_model = PeftModel.from_pretrained(dense, str(checkpoint)).eval()
+    g = torch.Generator().manual_seed(7)
+    batch = {"input_ids": torch.randint(1, VOCAB, (2, 11), generator=g)}
+    expected, got = logits(peft_model, batch), logits(ours, batch)
+    assert rel_err(got, expected) < 1e-5
+    # ... and the adapter matters: without it the logits differ.
+    with peft_model.disable_adapter():
+        assert rel_err(logits(peft_model, batch), expected) > 1e-3
