@@ -2,7 +2,7 @@
 
 One tiny Llama (NF4 + LoRA with dropout) trained by Trainer with bf16 autocast, gradient accumulation and
 non-reentrant gradient checkpointing for 4 optimizer steps, checkpointing every 2; a second run, from a model whose
-adapter starts elsewhere, resumes from the step-3 checkpoint and must log the same losses and end on the same adapter,
+adapter starts elsewhere, resumes from the step-2 checkpoint and must log the same losses and end on the same adapter,
 bit for bit.
 """
 
@@ -13,37 +13,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from _hf_training import LossLog, arithmetic_rows, logged_losses, plain_cpu_path
 from _metrics import rel_err
 from _tiny_models import VOCAB, logits, make_model, with_dequantized_weights
 from safetensors.torch import load_file
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainingArguments
 
 from fastllm import LoraLinear, prepare_qlora
 from fastllm.integrations.trainer import Trainer
-from fastllm.kernels import _config
 from fastllm.nn.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
 
 STEPS, SAVE_EVERY, SEQ = 4, 2, 16
 
 
 @pytest.fixture(scope="module", autouse=True)
-def plain_cpu_path():
-    """NF4 matmuls and attention take the plain CPU path (dequantize + torch) instead of the interpreted Triton
-    kernels, which their own tests cover: four training runs stay within the time budget."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_config, "INTERPRET", False)
+def _cpu_path():
+    with plain_cpu_path():
         yield
-
-
-class LossLog(TrainerCallback):
-    """The losses a run logs itself, by step (``state.log_history`` also holds those of the checkpoint it resumed)."""
-
-    def __init__(self):
-        self.losses: dict[int, float] = {}
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self.losses[state.global_step] = logs["loss"]
 
 
 def qlora_llama(adapter_seed: int) -> torch.nn.Module:
@@ -51,17 +37,6 @@ def qlora_llama(adapter_seed: int) -> torch.nn.Module:
     model = make_model("llama")
     torch.manual_seed(adapter_seed)
     return prepare_qlora(model, r=4, alpha=8, dropout=0.1, progress=False)
-
-
-def dataset(n: int = 16) -> list[dict[str, torch.Tensor]]:
-    """Arithmetic token sequences (start a, stride b): learnable, so the loss visibly falls within a few steps."""
-    g = torch.Generator().manual_seed(123)
-    rows = []
-    for _ in range(n):
-        a, b = torch.randint(1, VOCAB, (2,), generator=g).tolist()
-        ids = (a + b * torch.arange(SEQ)) % (VOCAB - 1) + 1
-        rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
-    return rows
 
 
 def make_trainer(model: torch.nn.Module, output_dir: Path) -> Trainer:
@@ -81,11 +56,7 @@ def make_trainer(model: torch.nn.Module, output_dir: Path) -> Trainer:
         disable_tqdm=True,
         seed=0,
     )
-    return Trainer(model=model, args=args, train_dataset=dataset(), callbacks=[LossLog()])
-
-
-def losses(trainer: Trainer) -> dict[int, float]:
-    return next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, LossLog)).losses
+    return Trainer(model=model, args=args, train_dataset=arithmetic_rows(16, SEQ), callbacks=[LossLog()])
 
 
 def lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -105,7 +76,7 @@ def runs(tmp_path_factory) -> dict:
 
 
 def test_resume_reproduces_the_uninterrupted_run(runs):
-    full, resumed = losses(runs["full"]), losses(runs["resumed"])
+    full, resumed = logged_losses(runs["full"]), logged_losses(runs["resumed"])
     assert sorted(full) == list(range(1, STEPS + 1))
     assert full[STEPS] < full[1]  # it trains
     assert sorted(resumed) == list(range(SAVE_EVERY + 1, STEPS + 1))
