@@ -1,5 +1,5 @@
-"""Helpers shared by the Trainer, TRL and accelerate tests: a learnable token dataset, a loss recorder, and a context manager
-that keeps the NF4 matmuls and attention off the interpreted Triton kernels."""
+"""Helpers shared by the Trainer, TRL and accelerate tests: a learnable token dataset, a loss recorder, and a
+context manager that keeps the NF4 matmuls and attention off the interpreted Triton kernels."""
 
 from __future__ import annotations
 
