@@ -155,3 +155,17 @@ def test_peft_loads_the_checkpoint_onto_the_dense_base(runs):
     # ... and the adapter matters: without it the logits differ.
     with peft_model.disable_adapter():
         assert rel_err(logits(peft_model, batch), expected) > 1e-3
+
+
+def test_load_best_model_reads_the_adapter(runs):
+    # What load_best_model_at_end=True runs after training (last here: it rewinds the model of the "full" run).
+    trainer = runs["full"]
+    checkpoint = runs["root"] / "full" / f"checkpoint-{SAVE_EVERY}"
+    trainer.state.best_model_checkpoint = str(checkpoint)
+    stored = load_file(checkpoint / ADAPTER_WEIGHTS)
+    now = lora_state(trainer.model)
+    assert any(not torch.equal(now[k[len(PEFT_PREFIX) :].removesuffix(".weight")], v) for k, v in stored.items())
+    trainer._load_best_model()
+    now = lora_state(trainer.model)
+    for key, value in stored.items():
+        assert torch.equal(now[key[len(PEFT_PREFIX) :].removesuffix(".weight")], value), key

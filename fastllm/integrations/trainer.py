@@ -16,8 +16,9 @@ them, to take Trainer's PEFT path with fastllm's adapter files:
 
 Optimizer, scheduler, gradient-scaler, RNG and trainer state are saved and restored by Trainer itself, untouched;
 the optimizer holds only the trainable LoRA A/B matrices, so a run resumed from a checkpoint continues the
-uninterrupted run exactly. A model without :class:`~fastllm.LoraLinear` layers takes Trainer's own path, and so
-do FSDP runs (accelerate saves and loads those as sharded model + optimizer state; see ``Trainer.save_model``).
+uninterrupted run exactly. A model without :class:`~fastllm.LoraLinear` layers takes Trainer's own path, and so do
+FSDP and DeepSpeed runs: accelerate saves and loads those as sharded model + optimizer state (``Trainer.save_model``,
+``_save_optimizer_and_scheduler``), frozen shards included.
 
 Use :class:`Trainer` in place of ``transformers.Trainer``, or put the mixin first in any subclass::
 
@@ -50,9 +51,10 @@ class AdapterCheckpointMixin:
     """
 
     def _adapter_model(self, model: nn.Module | None = None) -> nn.Module | None:
-        # The model under Trainer's wrappers (DDP, torch.compile) when it holds LoraLinear layers and the run is not
-        # FSDP (whose checkpoints accelerate writes and reads itself), else None: Trainer's own path.
-        if self.is_fsdp_enabled:
+        # The model under Trainer's wrappers (DDP, torch.compile) when it holds LoraLinear layers, else None (Trainer's
+        # own path). Also None under FSDP and DeepSpeed, whose sharded checkpoints accelerate writes and reads itself
+        # (the adapter's parameters are shards there, which fastllm.save_adapter cannot write).
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             return None
         model = self.accelerator.unwrap_model(self.model if model is None else model, keep_torch_compile=False)
         return model if lora_layers(model) else None
