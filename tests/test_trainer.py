@@ -78,7 +78,6 @@ def runs(tmp_path_factory) -> dict:
 def test_resume_reproduces_the_uninterrupted_run(runs):
     full, resumed = logged_losses(runs["full"]), logged_losses(runs["resumed"])
     assert sorted(full) == list(range(1, STEPS + 1))
-    assert full[STEPS] < full[1]  # it trains
     assert sorted(resumed) == list(range(SAVE_EVERY + 1, STEPS + 1))
     for step, loss in resumed.items():
         assert loss == full[step], (step, resumed, full)  # exactly: same adapter, optimizer, RNG and batches
@@ -87,7 +86,7 @@ def test_resume_reproduces_the_uninterrupted_run(runs):
     for key, value in end_full.items():
         assert torch.equal(value, end_resumed[key]), key
     # The resumed model started from another adapter: equality means the checkpoint's adapter was loaded.
-    assert not torch.equal(runs["resumed_start"][key], value)
+    assert all(not torch.equal(runs["resumed_start"][k], v) for k, v in end_full.items())
 
 
 def _tensors_in(path: Path) -> list[torch.Tensor]:

@@ -20,6 +20,14 @@ uninterrupted run exactly. A model without :class:`~fastllm.LoraLinear` layers t
 FSDP and DeepSpeed runs: accelerate saves and loads those as sharded model + optimizer state (``Trainer.save_model``,
 ``_save_optimizer_and_scheduler``), frozen shards included.
 
+Why a hook on the Trainer and none on the model: Trainer calls a model's ``load_adapter`` only for a ``PeftModel``;
+any other model resuming from an adapter-only checkpoint ends in ``load_sharded_checkpoint``, which needs a full-model
+index. Making the model's ``save_pretrained`` call :func:`fastllm.save_adapter` (or setting ``_hf_peft_config_loaded``)
+would shrink the checkpoints but leave them impossible to resume. Nothing else is needed: Trainer does not refuse a
+prepare_qlora model (it has no ``hf_quantizer``, so ``validate_quantization_for_training`` passes; only LoRA A/B
+require grad), gradient checkpointing makes the inputs require grad for it (``main_input_name == "input_ids"``), and
+SFTTrainer re-wraps a model only when given a ``peft_config``.
+
 Use :class:`Trainer` in place of ``transformers.Trainer``, or put the mixin first in any subclass::
 
     from fastllm.integrations.trainer import AdapterCheckpointMixin, Trainer
