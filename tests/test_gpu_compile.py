@@ -18,8 +18,7 @@ from _triton_compile import SM90_SHARED_LIMIT, KernelSpec, compile_for_gpu, pyth
 
 from fastllm.kernels import attention_bwd, attention_fwd
 
-# fastllm.kernels re-exports the function nf4_matmul under the module's name
-nf4_matmul = importlib.import_module("fastllm.kernels.nf4_matmul")
+nf4_fused = importlib.import_module("fastllm.kernels.nf4_fused")
 
 ATTN = "fastllm.kernels.attention_fwd:_attention_fwd_kernel"
 DKDV = "fastllm.kernels.attention_bwd:_attention_dkdv_kernel"
@@ -84,7 +83,7 @@ def nf4_specs() -> list[KernelSpec]:
     for dtype, (dot_fp32, precision) in (("fp16", (False, None)), ("bf16", (False, None)), ("fp32", (True, "ieee"))):
         quant = {"BLOCKSIZE": 64, "DOUBLE_QUANT": True, "DOT_FP32": dot_fp32, "DOT_PRECISION": precision}
         for kind in ("small_m", "large_m", "backward"):
-            bm, bn, bk, split, warps, stages = nf4_matmul.tile_specs(kind, dot_fp32)[0]
+            bm, bn, bk, split, warps, stages = nf4_fused.tile_specs(kind, dot_fp32)[0]
             tiles = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}
             if kind == "backward":
                 kernel, types = "_backward_kernel", {"grad_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"}
@@ -93,12 +92,12 @@ def nf4_specs() -> list[KernelSpec]:
                 out = "*fp32" if split > 1 else f"*{dtype}"
                 kernel, types = "_forward_kernel", {"x_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "out_ptr": out}
                 constexprs = {"HAS_BIAS": True, **quant, **tiles}
-            kernel = f"fastllm.kernels.nf4_matmul:{kernel}"
+            kernel = f"fastllm.kernels.nf4_fused:{kernel}"
             specs.append(
                 KernelSpec(f"nf4-{kind}-{dtype}", kernel, {**scales, **types}, constexprs, warps, stages, ["K"])
             )
     dequant = {"BLOCKSIZE": 64, "DOUBLE_QUANT": True, "BLOCK_N": 32, "BLOCK_K": 64}
-    kernel = "fastllm.kernels.nf4_dequant:_dequantize_kernel"
+    kernel = "fastllm.kernels.nf4_dense:_dequantize_kernel"
     no_fma = {"enable_fp_fusion": False}  # as nf4_dequantize launches it
     specs.append(
         KernelSpec("nf4-dequantize-bf16", kernel, {**scales, "out_ptr": "*bf16"}, dequant, 4, 3, ["K"], no_fma)
@@ -127,7 +126,7 @@ _SHOW_CONFIGS = """
 import importlib, json, torch
 af = importlib.import_module("fastllm.kernels.attention_fwd")
 ab = importlib.import_module("fastllm.kernels.attention_bwd")
-mm = importlib.import_module("fastllm.kernels.nf4_matmul")
+mm = importlib.import_module("fastllm.kernels.nf4_fused")
 shown = {}
 for dim in (64, 128, 256):
     for dtype in (torch.float16, torch.float32):
@@ -161,6 +160,6 @@ def test_fastllm_autotune_switch(autotune):
                 expected[f"{name}-{dim}-{fp32}"] = tiles(dim, fp32)
     for kind in ("small_m", "large_m", "backward"):
         for fp32 in (False, True):
-            expected[f"nf4-{kind}-{fp32}"] = nf4_matmul.tile_specs(kind, fp32)
+            expected[f"nf4-{kind}-{fp32}"] = nf4_fused.tile_specs(kind, fp32)
     expected = {key: [list(t) for t in (tiles[:1] if autotune == "0" else tiles)] for key, tiles in expected.items()}
     assert shown == expected

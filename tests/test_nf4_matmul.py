@@ -7,17 +7,17 @@ compile for a GPU (bf16 included) is checked by tests/test_gpu_compile.py.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
-import sys
 
 import pytest
 import torch
 from _metrics import rel_err
 
 from fastllm import _backend, nf4, reference
-from fastllm.kernels import _config, nf4_dequantize, nf4_matmul, nf4_matmul_t
-from fastllm.kernels.nf4_matmul import cpu_backward, cpu_forward
+from fastllm.kernels import nf4_dequantize, nf4_matmul, nf4_matmul_t
+from fastllm.ops import nf4 as nf4_ops
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float32: 1e-5}
@@ -104,9 +104,13 @@ def test_dequantize_matches_reference_bit_for_bit(blocksize, double_quant, dtype
 
 
 @pytest.fixture
-def cpu_path(monkeypatch):
-    """Route CPU tensors to the C++ / torch path, as on a machine without TRITON_INTERPRET."""
-    monkeypatch.setattr(_config, "INTERPRET", False)
+def cpu_path():
+    """Route CPU tensors to the ops' own CPU implementation (C++ / torch), as on a machine without TRITON_INTERPRET:
+    the Triton kernels registered for CPU under the interpreter are switched off for the test."""
+    with contextlib.ExitStack() as stack:
+        for op in (nf4_ops.nf4_matmul, nf4_ops.nf4_matmul_t, nf4_ops.nf4_dequantize):
+            stack.enter_context(op.set_kernel_enabled("cpu", False))
+        yield
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
@@ -116,7 +120,7 @@ def test_cpu_path_forward_backward(cpu_path, lead, dtype):
     for seed, double_quant in enumerate([False, True]):
         w = nf4.quantize(torch.randn(70, 128, generator=torch.Generator().manual_seed(seed)), 64, double_quant)
         x = torch.randn(*lead, 128).to(dtype)
-        y = cpu_forward(x.reshape(-1, 128), w.data, w.absmax, w.nested_absmax, w.offset, None, 64, 70)
+        y = nf4_ops.cpu_forward(x.reshape(-1, 128), w.tensors(), None, 64, 70)
         assert y.dtype == dtype
         assert rel_err(y, reference.linear(x.reshape(-1, 128), w.dequantize(torch.float32))) < TOL[dtype]
         check_forward_backward(lead, 70, w, dtype, use_bias=True)
@@ -128,13 +132,13 @@ def test_cpu_path_banded_large_m(cpu_path, monkeypatch, dtype):
     # column bands of whole blocks (backward), the last ones partial.
     if not _backend.has_op("dequantize_nf4", "cpu"):
         pytest.skip(f"the banded path needs the C++ extension: {_backend.extension_error()}")
-    monkeypatch.setattr(sys.modules["fastllm.kernels.nf4_matmul"], "_CPU_BAND_BYTES", 4096)
+    monkeypatch.setattr(nf4_ops, "_CPU_BAND_BYTES", 4096)
     w = nf4.quantize(torch.randn(70, 192, generator=torch.Generator().manual_seed(3)), 64, True)
     x = torch.randn(41, 192).to(dtype)
-    y = cpu_forward(x, w.data, w.absmax, w.nested_absmax, w.offset, None, 64, 70)
+    y = nf4_ops.cpu_forward(x, w.tensors(), None, 64, 70)
     assert rel_err(y, reference.linear(x, w.dequantize(torch.float32))) < TOL[dtype]
     g = torch.randn(41, 70).to(dtype)
-    grad_x = cpu_backward(g, w.data, w.absmax, w.nested_absmax, w.offset, 64, 192)
+    grad_x = nf4_ops.cpu_backward(g, w.tensors(), 64, 192)
     assert rel_err(grad_x, g.double() @ w.dequantize(torch.float32).double()) < TOL[dtype]
 
 

@@ -1,15 +1,14 @@
-"""Fused NF4 dequantize-matmul: y = x @ W^T (+ bias) and its backward grad_x = grad_y @ W.
+"""Fused NF4 dequantize-matmul kernels: y = x @ W^T (+ bias) and its backward grad_x = grad_y @ W.
 
 W (N, K) stays packed in global memory; every kernel dequantizes (BLOCK_N, BLOCK_K) tiles in
-registers (``nf4_dequant.dequant_tile``) right before ``tl.dot`` and accumulates in fp32.
+registers (``nf4_tile.dequant_tile``) right before ``tl.dot`` and accumulates in fp32.
 
 - Forward, M <= 16 (decode): one BLOCK_M = 16 row tile covers all of x, so every packed byte is
   read exactly once; the K loop is split over SPLIT_K programs that add fp32 partials atomically.
 - Forward, larger M: tiled GEMM, grouped tile order for L2 reuse, autotuned on GPU.
 - Backward: tiles over the K outputs, reduces over N.
 
-Dispatch: CUDA -> Triton; CPU under ``TRITON_INTERPRET=1`` -> the same Triton kernels; other CPU
--> the C++ ``fastllm::nf4_gemv`` op for M <= 16 when built, else dequantize + torch matmul.
+The launchers (``fused_forward``, ``fused_backward``) run on the tensors' device; ``nf4_dispatch`` decides when.
 
 Environment: ``FASTLLM_AUTOTUNE=0`` (read at import) makes every autotuned kernel launch its first (default)
 config without benchmarking the others (see ``_config``).
@@ -23,14 +22,11 @@ import torch
 import triton
 import triton.language as tl
 
-from fastllm import _backend
-from fastllm.nf4 import FLOAT_DTYPES, NF4Weight
+from fastllm.ops.nf4 import SMALL_M
 
-from ._config import INTERPRET, tuning_candidates, uses_triton
-from .nf4_dequant import check_weight, dequant_tile, weight_args
+from ._config import INTERPRET, device_guard, tuning_candidates
+from .nf4_tile import dequant_tile, weight_args
 
-# Decode-sized batches (M rows) take the split-K kernel; larger ones the tiled GEMM.
-SMALL_M = 16
 # Row tiles per band of the GEMM's grouped launch order.
 _GROUP_M = tl.constexpr(8)
 
@@ -262,9 +258,22 @@ def _dot_mode(dtype: torch.dtype) -> tuple[bool, str | None]:
     return INTERPRET and dtype == torch.bfloat16, None
 
 
-def _triton_forward(x2d, data, absmax, nested_absmax, offset, bias, blocksize: int, n: int) -> torch.Tensor:
+def fused_forward(x2d: torch.Tensor, tensors: tuple, bias: torch.Tensor | None, blocksize: int, n: int) -> torch.Tensor:
+    """x2d (M, K) @ W^T + bias -> (M, N) in x2d.dtype; W given by its tensors (``NF4Weight.tensors()`` order).
+    M <= SMALL_M takes the split-K decode kernel, larger M the tiled GEMM."""
+    with device_guard(x2d):
+        return _forward(x2d, tensors, bias, blocksize, n)
+
+
+def fused_backward(g2d: torch.Tensor, tensors: tuple, blocksize: int, k: int) -> torch.Tensor:
+    """grad_y (M, N) @ W -> (M, K) in g2d.dtype."""
+    with device_guard(g2d):
+        return _backward(g2d, tensors, blocksize, k)
+
+
+def _forward(x2d, weight, bias, blocksize: int, n: int) -> torch.Tensor:
     m, k = x2d.shape
-    tensors, double_quant = weight_args(data, absmax, nested_absmax, offset)
+    tensors, double_quant = weight_args(*weight)
     dot_fp32, precision = _dot_mode(x2d.dtype)
     small = m <= SMALL_M
     # Split-K adds partials into an fp32 buffer (zeroed by the config's pre-hook).
@@ -282,9 +291,9 @@ def _triton_forward(x2d, data, absmax, nested_absmax, offset, bias, blocksize: i
     return out.to(x2d.dtype)
 
 
-def _triton_backward(g2d, data, absmax, nested_absmax, offset, blocksize: int, k: int) -> torch.Tensor:
+def _backward(g2d, weight, blocksize: int, k: int) -> torch.Tensor:
     m, n = g2d.shape
-    tensors, double_quant = weight_args(data, absmax, nested_absmax, offset)
+    tensors, double_quant = weight_args(*weight)
     dot_fp32, precision = _dot_mode(g2d.dtype)
     out = torch.empty((m, k), dtype=g2d.dtype, device=g2d.device)
 
@@ -296,203 +305,3 @@ def _triton_backward(g2d, data, absmax, nested_absmax, offset, blocksize: int, k
         BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, DOT_FP32=dot_fp32, DOT_PRECISION=precision,
     )  # fmt: skip
     return out
-
-
-def _weight(data, absmax, nested_absmax, offset, blocksize: int, n: int, k: int, dtype: torch.dtype) -> NF4Weight:
-    # Reassemble the NF4Weight the op was decomposed from (its methods use the C++ extension when built).
-    return NF4Weight(data, absmax, blocksize, torch.Size((n, k)), dtype, nested_absmax, offset)
-
-
-# The CPU large-M path dequantizes W one band at a time (about 2 MiB in the compute dtype, measured
-# fastest on this 2-core EPYC: the band stays in cache for its matmul), so the dense weight never
-# exists whole and every output element still comes from a single matmul over the full reduction.
-_CPU_BAND_BYTES = 2 << 20
-
-
-def _dense_band(w: NF4Weight, scales: torch.Tensor, rows: slice, cols: slice, dtype: torch.dtype) -> torch.Tensor:
-    # W[rows, cols] in dtype by the C++ op; cols are whole quantization blocks (K and the band width
-    # are multiples of the blocksize), so the band's packed bytes and scales are plain 2-D slices.
-    n, k = w.shape
-    packed = w.data.reshape(n, k // 2)[rows, cols.start // 2 : cols.stop // 2]
-    bs = w.blocksize
-    band_scales = scales.reshape(n, k // bs)[rows, cols.start // bs : cols.stop // bs]
-    numel = packed.numel() * 2
-    dense = torch.ops.fastllm.dequantize_nf4(packed.contiguous(), band_scales.contiguous(), bs, numel, dtype)
-    return dense.view(packed.shape[0], packed.shape[1] * 2)
-
-
-def _bands(total: int, other: int, multiple: int, dtype: torch.dtype):
-    # Slices of range(total), each about _CPU_BAND_BYTES / (other * itemsize) long, rounded down to
-    # a multiple of `multiple` (at least one multiple).
-    step = _CPU_BAND_BYTES // (other * torch.finfo(dtype).bits // 8)
-    step = max(multiple, step - step % multiple)
-    return [slice(i, min(total, i + step)) for i in range(0, total, step)]
-
-
-def cpu_forward(x2d, data, absmax, nested_absmax, offset, bias, blocksize: int, n: int) -> torch.Tensor:
-    """The CPU path without Triton: x2d (M, K) -> (M, N) in x2d.dtype.
-
-    M <= 16 uses the C++ ``fastllm::nf4_gemv`` op. Larger M with the extension: y[:, band] = x @ W[band]^T
-    over bands of rows of W, each dequantized just before its matmul; without it, dequantize + matmul.
-    """
-    m, k = x2d.shape
-    w = _weight(data, absmax, nested_absmax, offset, blocksize, n, k, x2d.dtype)
-    if not _backend.has_op("nf4_gemv", "cpu"):
-        return torch.nn.functional.linear(x2d, w.dequantize(x2d.dtype), bias)
-    scales = w.block_scales()
-    if m <= SMALL_M:
-        y = torch.ops.fastllm.nf4_gemv(x2d, data, scales, blocksize, n).to(x2d.dtype)
-    else:
-        y = x2d.new_empty((m, n))
-        for rows in _bands(n, k, 1, x2d.dtype):
-            y[:, rows] = x2d @ _dense_band(w, scales, rows, slice(0, k), x2d.dtype).T
-    return y if bias is None else y + bias
-
-
-def cpu_backward(g2d, data, absmax, nested_absmax, offset, blocksize: int, k: int) -> torch.Tensor:
-    """The CPU path without Triton: grad_y (M, N) -> grad_y @ W (M, K).
-
-    With the extension: grad_x[:, band] = grad_y @ W[:, band] over bands of whole quantization blocks
-    of columns of W; without it, dequantize + matmul.
-    """
-    m, n = g2d.shape
-    w = _weight(data, absmax, nested_absmax, offset, blocksize, n, k, g2d.dtype)
-    if not _backend.has_op("dequantize_nf4", "cpu"):
-        return g2d @ w.dequantize()
-    scales = w.block_scales()
-    grad_x = g2d.new_empty((m, k))
-    for cols in _bands(k, n, blocksize, g2d.dtype):
-        grad_x[:, cols] = g2d @ _dense_band(w, scales, slice(0, n), cols, g2d.dtype)
-    return grad_x
-
-
-# ---- torch.library ops: NF4Weight is decomposed into its tensors and ints --------------------------
-
-
-@torch.library.custom_op("fastllm::nf4_matmul", mutates_args=())
-def _nf4_matmul_op(
-    x: torch.Tensor,
-    data: torch.Tensor,
-    absmax: torch.Tensor,
-    nested_absmax: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    blocksize: int,
-    n: int,
-) -> torch.Tensor:
-    x2d = x.reshape(-1, x.shape[-1]).contiguous()
-    impl = _triton_forward if uses_triton(x.device) else cpu_forward
-    y = impl(x2d, data, absmax, nested_absmax, offset, bias, blocksize, n)
-    return y.reshape(*x.shape[:-1], n)
-
-
-@_nf4_matmul_op.register_fake
-def _(x, data, absmax, nested_absmax, offset, bias, blocksize, n):
-    return x.new_empty((*x.shape[:-1], n))
-
-
-@torch.library.custom_op("fastllm::nf4_matmul_t", mutates_args=())
-def _nf4_matmul_t_op(
-    grad_y: torch.Tensor,
-    data: torch.Tensor,
-    absmax: torch.Tensor,
-    nested_absmax: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    blocksize: int,
-    k: int,
-) -> torch.Tensor:
-    g2d = grad_y.reshape(-1, grad_y.shape[-1]).contiguous()
-    impl = _triton_backward if uses_triton(grad_y.device) else cpu_backward
-    return impl(g2d, data, absmax, nested_absmax, offset, blocksize, k).reshape(*grad_y.shape[:-1], k)
-
-
-@_nf4_matmul_t_op.register_fake
-def _(grad_y, data, absmax, nested_absmax, offset, blocksize, k):
-    return grad_y.new_empty((*grad_y.shape[:-1], k))
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    # Only the packed weight is kept for backward (never a dense copy).
-    x, data, absmax, nested_absmax, offset, _bias, blocksize, n = inputs
-    ctx.save_for_backward(data, absmax, nested_absmax, offset)
-    ctx.blocksize, ctx.n, ctx.k = blocksize, n, x.shape[-1]
-
-
-def _matmul_backward(ctx, grad_y):
-    # y = x W^T + b: grad_x = grad_y W, grad_b = grad_y summed over every leading dim; W is frozen.
-    data, absmax, nested_absmax, offset = ctx.saved_tensors
-    grad_x = grad_b = None
-    if ctx.needs_input_grad[0]:
-        grad_x = _nf4_matmul_t_op(grad_y, data, absmax, nested_absmax, offset, ctx.blocksize, ctx.k)
-    if ctx.needs_input_grad[5]:
-        grad_b = grad_y.reshape(-1, ctx.n).sum(0, dtype=torch.float32).to(grad_y.dtype)
-    return grad_x, None, None, None, None, grad_b, None, None
-
-
-def _setup_context_t(ctx, inputs, output) -> None:
-    _grad_y, data, absmax, nested_absmax, offset, blocksize, k = inputs
-    ctx.save_for_backward(data, absmax, nested_absmax, offset)
-    ctx.blocksize, ctx.n = blocksize, inputs[0].shape[-1]
-
-
-def _matmul_t_backward(ctx, grad_out):
-    # z = g W is linear in g: grad_g = grad_z W^T (double backward of nf4_matmul).
-    data, absmax, nested_absmax, offset = ctx.saved_tensors
-    grad_g = _nf4_matmul_op(grad_out, data, absmax, nested_absmax, offset, None, ctx.blocksize, ctx.n)
-    return grad_g, None, None, None, None, None, None
-
-
-_nf4_matmul_op.register_autograd(_matmul_backward, setup_context=_setup_context)
-_nf4_matmul_t_op.register_autograd(_matmul_t_backward, setup_context=_setup_context_t)
-
-
-# ---- public API -------------------------------------------------------------------------------------
-
-
-def _check_activation(name: str, t: torch.Tensor, features: int, what: str, w: NF4Weight) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if t.dim() < 1 or t.shape[-1] != features:
-        raise ValueError(f"{name} must have shape (..., {features}) ({what} of w), got {tuple(t.shape)}")
-    if t.device != w.device:
-        raise ValueError(f"{name} is on {t.device} but w is on {w.device}")
-
-
-def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ W^T + bias with W dequantized on the fly (never materialized on the Triton paths).
-
-    Args:
-        x: (..., K) float16 / bfloat16 / float32.
-        w: NF4 weight of shape (N, K); K must be a multiple of ``w.blocksize``. Frozen (no grad).
-        bias: optional (N,) in x.dtype.
-    Returns:
-        y: (..., N) in x.dtype, accumulated in fp32. Differentiable in x and bias.
-    """
-    n, k = check_weight(w)
-    _check_activation("x", x, k, "in_features K", w)
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if bias.shape != (n,) or bias.dtype != x.dtype or bias.device != x.device:
-            raise ValueError(
-                f"bias must have shape ({n},), dtype {x.dtype} and device {x.device} like x; "
-                f"got shape {tuple(bias.shape)}, dtype {bias.dtype}, device {bias.device}"
-            )
-        bias = bias.contiguous()
-    return _nf4_matmul_op(x, w.data, w.absmax, w.nested_absmax, w.offset, bias, w.blocksize, n)
-
-
-def nf4_matmul_t(grad_y: torch.Tensor, w: NF4Weight) -> torch.Tensor:
-    """grad_y @ W, the input gradient of :func:`nf4_matmul` (W dequantized on the fly).
-
-    Args:
-        grad_y: (..., N) float16 / bfloat16 / float32.
-        w: NF4 weight of shape (N, K); K a multiple of ``w.blocksize``.
-    Returns:
-        (..., K) in grad_y.dtype, accumulated in fp32.
-    """
-    n, k = check_weight(w)
-    _check_activation("grad_y", grad_y, n, "out_features N", w)
-    return _nf4_matmul_t_op(grad_y, w.data, w.absmax, w.nested_absmax, w.offset, w.blocksize, k)

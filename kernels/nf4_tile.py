@@ -1,4 +1,5 @@
-"""NF4 dequantization in registers (shared by the matmul kernels) and the dense dequantize launcher.
+"""NF4 dequantization of one tile in registers (``dequant_tile``), shared by every NF4 kernel, and the weight's
+kernel arguments.
 
 Format (see ``fastllm.nf4``): W (N, K) row-major, flattened, in blocks of ``blocksize`` elements;
 element (n, k) is nibble ``k % 2`` of byte ``n * K/2 + k // 2`` (even k in the high nibble) and
@@ -17,9 +18,6 @@ import triton
 import triton.language as tl
 
 from fastllm.codebook import NESTED_BLOCKSIZE, dynamic_map, nf4_code
-from fastllm.nf4 import FLOAT_DTYPES, NF4Weight
-
-from ._config import uses_triton
 
 # Double quantization groups this many absmax codes under one nested fp32 scale.
 _NESTED = tl.constexpr(NESTED_BLOCKSIZE)
@@ -107,92 +105,3 @@ def dequant_tile(
         scale = _block_scale(absmax_ptr, nested_ptr, offset_ptr, dmap_ptr, blk, blk_mask, DOUBLE_QUANT)
         grouped = tl.reshape(values, (BLOCK_N, BLOCK_K // BLOCKSIZE, BLOCKSIZE)) * scale[:, :, None]
         return tl.reshape(grouped, (BLOCK_N, BLOCK_K))
-
-
-@triton.jit
-def _dequantize_kernel(
-    data_ptr,
-    absmax_ptr,
-    nested_ptr,
-    offset_ptr,
-    dmap_ptr,
-    code_ptr,
-    out_ptr,
-    N,
-    K,
-    BLOCKSIZE: tl.constexpr,
-    DOUBLE_QUANT: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    # One program writes one (BLOCK_N, BLOCK_K) tile of the dense weight.
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    w = dequant_tile(
-        data_ptr,
-        absmax_ptr,
-        nested_ptr,
-        offset_ptr,
-        dmap_ptr,
-        code_ptr,
-        offs_n,
-        pid_k * BLOCK_K,
-        N,
-        K,
-        BLOCK_N,
-        BLOCK_K,
-        BLOCKSIZE,
-        DOUBLE_QUANT,
-    )
-    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
-    out = out_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
-    tl.store(out, w.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def check_weight(w: NF4Weight) -> tuple[int, int]:
-    """(N, K) of a 2-D NF4 weight whose K is a multiple of its blocksize; ValueError/TypeError otherwise."""
-    if not isinstance(w, NF4Weight):
-        raise TypeError(f"w must be a fastllm.nf4.NF4Weight, got {type(w).__name__}")
-    if len(w.shape) != 2:
-        raise ValueError(f"w must be a 2-D weight (N, K), got shape {tuple(w.shape)}")
-    n, k = w.shape
-    if k % w.blocksize:
-        raise ValueError(
-            f"w: K={k} (in_features) must be a multiple of blocksize={w.blocksize} for the NF4 matmul kernels"
-        )
-    # The kernels index the packed bytes and scales directly: their sizes and dtypes must match.
-    if w.data.dtype != torch.uint8 or w.data.numel() != n * k // 2:
-        raise ValueError(
-            f"w.data must be uint8 with N*K/2 = {n * k // 2} bytes, got {w.data.dtype} {tuple(w.data.shape)}"
-        )
-    absmax_dtype = torch.uint8 if w.double_quant else torch.float32
-    if w.absmax.dtype != absmax_dtype or w.absmax.numel() != n * k // w.blocksize:
-        raise ValueError(
-            f"w.absmax must be {absmax_dtype} with N*K/blocksize = {n * k // w.blocksize} entries, "
-            f"got {w.absmax.dtype} {tuple(w.absmax.shape)}"
-        )
-    return n, k
-
-
-def nf4_dequantize(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The dense weight (N, K) in ``dtype`` (default ``w.dtype``), computed as NF4 * scale in fp32.
-
-    Runs the Triton kernel on CUDA (and on CPU under ``TRITON_INTERPRET=1``), else ``w.dequantize``.
-    K must be a multiple of ``w.blocksize``.
-    """
-    dtype = dtype or w.dtype
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-    n, k = check_weight(w)
-    if not uses_triton(w.device):
-        return w.dequantize(dtype)
-    out = torch.empty((n, k), dtype=dtype, device=w.device)
-    tensors, double_quant = weight_args(w.data, w.absmax, w.nested_absmax, w.offset)
-    block_n, block_k = 32, 64
-    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
-    # No FMA contraction: the nested scale DYNAMIC[q] * nested + offset rounds twice, as in the reference,
-    # so the output is bit-identical to fastllm.reference.dequantize_nf4.
-    _dequantize_kernel[grid](*tensors, out, n, k, w.blocksize, double_quant, block_n, block_k, enable_fp_fusion=False)
-    return out
