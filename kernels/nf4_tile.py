@@ -25,23 +25,30 @@ _NESTED = tl.constexpr(NESTED_BLOCKSIZE)
 
 @functools.cache
 def code_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(NF4 table fp32 (16,), dynamic 8-bit map fp32 (256,)) on ``device``, built once per device."""
-    return nf4_code(device), dynamic_map(device)
+    """(byte-pair table fp32 (512,), dynamic 8-bit map fp32 (256,)) on ``device``, built once per device.
+
+    The pair table maps a packed byte b to both of its values: entries 2b, 2b + 1 are NF4[b >> 4], NF4[b & 15]
+    (the element with the even k first), so a kernel looks each byte up once instead of each nibble.
+    """
+    code = nf4_code(device)
+    byte = torch.arange(256, device=device)
+    pairs = torch.stack((code[byte >> 4], code[byte & 15]), dim=1).reshape(-1).contiguous()
+    return pairs, dynamic_map(device)
 
 
 def weight_args(
     data: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None, offset: torch.Tensor | None
 ) -> tuple[tuple[torch.Tensor, ...], bool]:
-    """((data, absmax, nested, offset, dynamic map, nf4 table), double_quant): the weight's kernel arguments in
-    ``dequant_tile``'s order, unit-stride (the kernels index them flat).
+    """((data, absmax, nested, offset, dynamic map, byte-pair table), double_quant): the weight's kernel arguments
+    in ``dequant_tile``'s order, unit-stride (the kernels index them flat).
 
     Without double quantization the nested/offset pointers are never read; ``absmax`` stands in.
     """
-    code, dmap = code_tables(absmax.device)
+    pairs, dmap = code_tables(absmax.device)
     data, absmax = data.contiguous(), absmax.contiguous()
     if nested_absmax is None:
-        return (data, absmax, absmax, absmax, dmap, code), False
-    return (data, absmax, nested_absmax.contiguous(), offset, dmap, code), True
+        return (data, absmax, absmax, absmax, dmap, pairs), False
+    return (data, absmax, nested_absmax.contiguous(), offset, dmap, pairs), True
 
 
 @triton.jit
@@ -51,6 +58,8 @@ def _block_scale(absmax_ptr, nested_ptr, offset_ptr, dmap_ptr, blk, mask, DOUBLE
     if DOUBLE_QUANT:
         q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
         nested = tl.load(nested_ptr + blk // _NESTED, mask=mask, other=0.0)
+        # Two roundings (a product, then a sum), as the reference and the C++ kernels: launches of kernels that
+        # use this pass enable_fp_fusion=False, so the compiler does not contract them into one FMA.
         return tl.load(dmap_ptr + q) * nested + tl.load(offset_ptr)
     else:
         return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
@@ -63,7 +72,7 @@ def dequant_tile(
     nested_ptr,
     offset_ptr,
     dmap_ptr,
-    code_ptr,
+    pairs_ptr,
     offs_n,
     k0,
     N,
@@ -85,11 +94,10 @@ def dequant_tile(
     rows = data_ptr + offs_n[:, None].to(tl.int64) * (K // 2)  # int64: N * K / 2 bytes can pass 2^31
     packed = tl.load(rows + offs_b[None, :], mask=byte_mask, other=0x77)
     packed = packed.to(tl.int32)
-    # Split the nibbles and interleave them back into k order: column 2j is the high nibble of
-    # byte j, column 2j + 1 its low nibble (join adds a trailing axis of 2, reshape flattens it).
-    codes = tl.reshape(tl.join(packed >> 4, packed & 0xF), (BLOCK_N, BLOCK_K))
-    # Look the 16-entry NF4 table up (it stays in L1).
-    values = tl.load(code_ptr + codes)
+    # One lookup per byte in the 256-entry pair table (2 KiB, stays in L1): entries 2b, 2b + 1 are the values of
+    # columns 2j, 2j + 1 (high nibble first), so the (BLOCK_N, BLOCK_K / 2, 2) gather flattens into k order.
+    pair = packed[:, :, None] * 2 + tl.arange(0, 2)[None, None, :]
+    values = tl.reshape(tl.load(pairs_ptr + pair), (BLOCK_N, BLOCK_K))
     blocks_per_row = K // BLOCKSIZE
     if BLOCK_K <= BLOCKSIZE:
         # The tile lies inside one quantization block per row: one scale per row.

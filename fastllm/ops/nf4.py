@@ -20,6 +20,7 @@ import torch
 from fastllm import _backend
 from fastllm.codebook import NESTED_BLOCKSIZE
 from fastllm.nf4 import NF4Weight
+from fastllm.ops.gemm_choice import CPU_GEMM, m_bucket
 
 # Decode-sized batches: M <= SMALL_M rows take a GEMV (W read once for all rows) on every device.
 SMALL_M = 16
@@ -94,11 +95,19 @@ def _bands(total: int, other: int, multiple: int, dtype: torch.dtype) -> list[sl
     return [slice(i, min(total, i + step)) for i in range(0, total, step)]
 
 
+def _whole(w: NF4Weight, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # The whole W (N, K) in dtype by the C++ op (its output lands on huge pages when large).
+    n, k = w.shape
+    return torch.ops.fastllm.dequantize_nf4(w.data, scales, w.blocksize, n * k, dtype).view(n, k)
+
+
 def cpu_forward(x2d: torch.Tensor, tensors: tuple, bias: torch.Tensor | None, blocksize: int, n: int) -> torch.Tensor:
     """x2d (M, K) @ W^T + bias -> (M, N) in x2d.dtype without Triton.
 
-    M <= SMALL_M uses the C++ ``fastllm::nf4_gemv`` op. Larger M with the extension: y[:, band] = x @ W[band]^T
-    over bands of rows of W, each dequantized just before its matmul; without it, dequantize + matmul.
+    M <= SMALL_M uses the C++ ``fastllm::nf4_gemv`` op. Larger M with the extension runs the faster, measured at
+    first use (``gemm_choice.CPU_GEMM``), of: "fused", y[:, band] = x @ W[band]^T over bands of rows of W, each
+    dequantized just before its matmul; "dequant", the whole W dequantized then one matmul. Without the
+    extension: dequantize + matmul.
     """
     m, k = x2d.shape
     w = _weight(tensors, blocksize, n, k, x2d.dtype)
@@ -107,28 +116,40 @@ def cpu_forward(x2d: torch.Tensor, tensors: tuple, bias: torch.Tensor | None, bl
     scales = w.block_scales()
     if m <= SMALL_M:
         y = torch.ops.fastllm.nf4_gemv(x2d, w.data, scales, blocksize, n).to(x2d.dtype)
-    else:
+        return y if bias is None else y + bias
+
+    def banded():
         y = x2d.new_empty((m, n))
         for rows in _bands(n, k, 1, x2d.dtype):
             y[:, rows] = x2d @ _dense_band(w, scales, rows, slice(0, k), x2d.dtype).T
+        return y
+
+    paths = {"fused": banded, "dequant": lambda: x2d @ _whole(w, scales, x2d.dtype).T}
+    y = CPU_GEMM.run(("fwd", m_bucket(m), n, k, x2d.dtype, x2d.device), paths, x2d.device)
     return y if bias is None else y + bias
 
 
 def cpu_backward(g2d: torch.Tensor, tensors: tuple, blocksize: int, k: int) -> torch.Tensor:
     """grad_y (M, N) @ W -> (M, K) in g2d.dtype without Triton.
 
-    With the extension: grad_x[:, band] = grad_y @ W[:, band] over bands of whole quantization blocks
-    of columns of W; without it, dequantize + matmul.
+    With the extension, the faster (measured at first use, as in :func:`cpu_forward`) of: "fused",
+    grad_x[:, band] = grad_y @ W[:, band] over bands of whole quantization blocks of columns of W; "dequant", the
+    whole W dequantized then one matmul. Without it: dequantize + matmul.
     """
     m, n = g2d.shape
     w = _weight(tensors, blocksize, n, k, g2d.dtype)
     if not _backend.has_op("dequantize_nf4", g2d.device):
         return g2d @ w.dequantize()
     scales = w.block_scales()
-    grad_x = g2d.new_empty((m, k))
-    for cols in _bands(k, n, blocksize, g2d.dtype):
-        grad_x[:, cols] = g2d @ _dense_band(w, scales, slice(0, n), cols, g2d.dtype)
-    return grad_x
+
+    def banded():
+        grad_x = g2d.new_empty((m, k))
+        for cols in _bands(k, n, blocksize, g2d.dtype):
+            grad_x[:, cols] = g2d @ _dense_band(w, scales, slice(0, n), cols, g2d.dtype)
+        return grad_x
+
+    paths = {"fused": banded, "dequant": lambda: g2d @ _whole(w, scales, g2d.dtype)}
+    return CPU_GEMM.run(("bwd", m_bucket(m), n, k, g2d.dtype, g2d.device), paths, g2d.device)
 
 
 # ---- nf4_dequantize ---------------------------------------------------------------------------------------------
