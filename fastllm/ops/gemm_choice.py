@@ -14,10 +14,11 @@ capture, where timing would synchronize, nor under the Triton interpreter, which
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 
 import torch
 
@@ -28,8 +29,29 @@ PATHS = ("fused", "dequant")
 REPEATS = 3
 
 
+# Set by ``forced`` (benchmarks timing one path); wins over the environment variable.
+_forced: str | None = None
+
+
+@contextlib.contextmanager
+def forced(path: str) -> Iterator[None]:
+    """Run every large-M NF4 matmul inside the block on ``path`` ("fused" or "dequant"), as the environment variable
+    would (for benchmarks that time each path)."""
+    global _forced
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {', '.join(PATHS)}; got {path!r}")
+    previous, _forced = _forced, path
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
 def requested_mode() -> str:
-    """``FASTLLM_NF4_GEMM`` (default "auto"); ValueError naming the variable for any other value."""
+    """The forced path, else ``FASTLLM_NF4_GEMM`` (default "auto"); ValueError naming the variable for any other
+    value."""
+    if _forced is not None:
+        return _forced
     mode = os.environ.get(ENV, "auto") or "auto"
     if mode not in MODES:
         raise ValueError(f"{ENV} must be one of {', '.join(MODES)}; got {mode!r}")
