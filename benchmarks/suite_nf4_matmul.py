@@ -13,7 +13,7 @@ Ops:
   (providers ``fastllm-fused``: dequantize inside the GEMM; ``fastllm-dequant``: dequantize into a
   scratch buffer + cuBLAS / the CPU BLAS), and the ``fastllm`` row notes what the first-use timing
   behind its automatic choice measured (``auto``, ``fused_ms``, ``dequant_ms``).
-- ``dequantize``: the whole weight to bf16 (the dequant path's first half) in GB/s (bytes = NF4
+- ``dequantize-vs-copy``: the whole weight to bf16 (the dequant path's first half) in GB/s (bytes = NF4
   weight read + 2 * N * K written) vs ``copy``, a bf16 tensor copy of the same shape (4 * N * K
   bytes): the ratio is the fraction of copy bandwidth reached.
 """
@@ -107,7 +107,7 @@ def setup_dequantize(provider: str, n: int, k: int, device: torch.device):
 
 def setup_case(op: str, provider: str, m: int, n: int, k: int, device: torch.device):
     dtype = torch.bfloat16
-    if op == "dequantize":
+    if op == "dequantize-vs-copy":
         return setup_dequantize(provider, n, k, device)
     weight = randn((n, k), dtype, device, seed=n + k, scale=0.02)
     x = randn((m, k), dtype, device, seed=m)
@@ -152,10 +152,10 @@ def cases(settings: Settings) -> list[Case]:
                 ("fwd+bwd", m, PROVIDERS),
                 ("grad_x", m, ("fastllm", "dense") + PATHS),
             ]
-        plan.append(("dequantize", 0, ("fastllm", "copy")))
+        plan.append(("dequantize-vs-copy", 0, ("fastllm", "copy")))
         for op, m, providers in plan:
             for provider in providers:
-                if op == "dequantize":
+                if op == "dequantize-vs-copy":
                     weight_bytes = 4 * n * k if provider == "copy" else nf4_nbytes(n * k) + 2 * n * k
                     metric, work = "GB/s", weight_bytes
                 elif m <= DECODE_MAX_M:
@@ -167,7 +167,7 @@ def cases(settings: Settings) -> list[Case]:
                 def setup(op=op, provider=provider, m=m, n=n, k=k):
                     return setup_case(op, provider, m, n, k, settings.device)
 
-                shape = {"N": n, "K": k} if op == "dequantize" else {"M": m, "N": n, "K": k}
+                shape = {"N": n, "K": k} if op == "dequantize-vs-copy" else {"M": m, "N": n, "K": k}
                 out.append(Case("nf4_matmul", op, shape, "bfloat16", provider, metric, work, setup))
     return out
 

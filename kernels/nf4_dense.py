@@ -25,10 +25,21 @@ import fastllm.ops.nf4  # noqa: F401  (declares the op whose kernel this module 
 from ._config import INTERPRET, device_guard, tuning_candidates
 from .nf4_tile import dequant_tile, weight_args
 
-# Autotune candidates (BLOCK_N, BLOCK_K, num_warps): 8-16 KiB of output per program, rows of 256-1024 columns
-# (512 B - 2 KiB contiguous per row in 16-bit). The first is the default (FASTLLM_AUTOTUNE=0).
-DENSE_TILES = [(16, 512, 4), (32, 256, 4), (8, 1024, 4), (32, 512, 8), (64, 256, 8), (16, 1024, 8)]
-_INTERPRETER_TILE = (32, 64, 4)
+# Autotune candidates (BLOCK_N, BLOCK_K, num_warps, PAIR_LOOKUP): 8-32 KiB of output per program, rows of 256-1024
+# columns (512 B - 2 KiB contiguous per row in 16-bit), each with both codebook lookups of ``dequant_tile`` (one
+# gather per byte over 2 KiB, or two per byte within 128 B). The first is the default (FASTLLM_AUTOTUNE=0).
+DENSE_TILES = [
+    (16, 512, 4, True),
+    (16, 512, 4, False),
+    (32, 256, 4, True),
+    (32, 256, 4, False),
+    (8, 1024, 4, True),
+    (32, 512, 8, True),
+    (32, 512, 8, False),
+    (64, 256, 8, True),
+    (16, 1024, 8, False),
+]
+_INTERPRETER_TILE = (32, 64, 4, True)
 
 
 @triton.jit
@@ -46,6 +57,7 @@ def _dequantize_kernel(
     DOUBLE_QUANT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PAIR_LOOKUP: tl.constexpr,
     BF16_BY_BITS: tl.constexpr,
 ):
     # One program writes W[n tile, k tile] = NF4[code] * scale[block], computed in fp32 and rounded once to
@@ -69,6 +81,7 @@ def _dequantize_kernel(
         BLOCK_K,
         BLOCKSIZE,
         DOUBLE_QUANT,
+        PAIR_LOOKUP,
     )
     mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
     out = out_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
@@ -85,8 +98,8 @@ def _dequantize_kernel(
 @functools.cache
 def _tuner() -> triton.runtime.Autotuner:
     configs = [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=1)
-        for bn, bk, warps in tuning_candidates(DENSE_TILES, _INTERPRETER_TILE)
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "PAIR_LOOKUP": pair}, num_warps=warps, num_stages=1)
+        for bn, bk, warps, pair in tuning_candidates(DENSE_TILES, _INTERPRETER_TILE)
     ]
     return triton.autotune(configs, key=["N", "K", "BLOCKSIZE"])(_dequantize_kernel)
 
@@ -109,8 +122,11 @@ def dequantize_into(out: torch.Tensor, tensors: tuple, blocksize: int) -> torch.
     return out
 
 
-# Scratch buffers of dequantize_to_scratch, keyed (device, stream id, dtype).
+# Scratch buffers of dequantize_to_scratch, keyed (device, stream id, dtype); the keys of those a captured CUDA
+# graph has used, and the buffers such keys outgrew (kept alive: the graph's replays still write them).
 _scratch: dict[tuple[torch.device, int, torch.dtype], torch.Tensor] = {}
+_captured: set[tuple[torch.device, int, torch.dtype]] = set()
+_retired: list[torch.Tensor] = []
 
 
 def _stream_id(device: torch.device) -> int:
@@ -120,15 +136,21 @@ def _stream_id(device: torch.device) -> int:
 def dequantize_to_scratch(tensors: tuple, blocksize: int, n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
     """W (n, k) in ``dtype`` in this device's and stream's scratch buffer: valid until the next call on the same
     stream (for a matmul that reads it right away). Under CUDA graph capture a buffer too small is not replaced
-    (a fresh tensor from the graph's pool is used instead), so the graph never depends on a freed scratch."""
+    (a fresh tensor from the graph's pool is used instead), and a buffer a graph has used is never freed, so
+    replays never write freed memory."""
     device = tensors[0].device
     key = (device, _stream_id(device), dtype)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     buf = _scratch.get(key)
     if buf is None or buf.numel() < n * k:
         fresh = torch.empty(n * k, dtype=dtype, device=device)
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        if capturing:
             return dequantize_into(fresh.view(n, k), tensors, blocksize)
+        if key in _captured:
+            _retired.append(buf)
         _scratch[key] = buf = fresh
+    if capturing:
+        _captured.add(key)
     return dequantize_into(buf[: n * k].view(n, k), tensors, blocksize)
 
 

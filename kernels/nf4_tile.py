@@ -81,10 +81,13 @@ def dequant_tile(
     BLOCK_K: tl.constexpr,
     BLOCKSIZE: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr,
+    PAIR_LOOKUP: tl.constexpr = True,
 ):
     """fp32 tile W[offs_n, k0 : k0 + BLOCK_K] of shape (BLOCK_N, BLOCK_K); zero outside W.
 
-    ``k0`` must be a multiple of BLOCK_K (so the tile is aligned with the quantization blocks).
+    ``k0`` must be a multiple of BLOCK_K (so the tile is aligned with the quantization blocks). PAIR_LOOKUP: one
+    8-byte lookup per packed byte in the whole pair table, else two 4-byte lookups per byte in its first 128 bytes
+    (fewer L1 wavefronts per gather; which is faster is measured by the dense kernel's autotuner).
     """
     n_mask = offs_n < N
     # Packed bytes: row n holds K/2 bytes; the tile covers bytes k0/2 .. k0/2 + BLOCK_K/2 of each row.
@@ -94,10 +97,16 @@ def dequant_tile(
     rows = data_ptr + offs_n[:, None].to(tl.int64) * (K // 2)  # int64: N * K / 2 bytes can pass 2^31
     packed = tl.load(rows + offs_b[None, :], mask=byte_mask, other=0x77)
     packed = packed.to(tl.int32)
-    # One lookup per byte in the 256-entry pair table (2 KiB, stays in L1): entries 2b, 2b + 1 are the values of
-    # columns 2j, 2j + 1 (high nibble first), so the (BLOCK_N, BLOCK_K / 2, 2) gather flattens into k order.
-    pair = packed[:, :, None] * 2 + tl.arange(0, 2)[None, None, :]
-    values = tl.reshape(tl.load(pairs_ptr + pair), (BLOCK_N, BLOCK_K))
+    if PAIR_LOOKUP:
+        # One lookup per byte in the 256-entry pair table (2 KiB, stays in L1): entries 2b, 2b + 1 are the values
+        # of columns 2j, 2j + 1 (high nibble first), so the (BLOCK_N, BLOCK_K / 2, 2) gather flattens into k order.
+        pair = packed[:, :, None] * 2 + tl.arange(0, 2)[None, None, :]
+        values = tl.reshape(tl.load(pairs_ptr + pair), (BLOCK_N, BLOCK_K))
+    else:
+        # One lookup per nibble: entry 2c + 1 of the pair table (byte c < 16: high nibble 0) is NF4[c], so the 16
+        # codes sit in its first 128 bytes. Join the nibbles back into k order (column 2j: high nibble of byte j).
+        codes = tl.reshape(tl.join(packed >> 4, packed & 0xF), (BLOCK_N, BLOCK_K))
+        values = tl.load(pairs_ptr + 2 * codes + 1)
     blocks_per_row = K // BLOCKSIZE
     if BLOCK_K <= BLOCKSIZE:
         # The tile lies inside one quantization block per row: one scale per row.

@@ -103,20 +103,11 @@ def nf4_specs() -> list[KernelSpec]:
             )
     kernel = "fastllm.kernels.nf4_dense:_dequantize_kernel"
     no_fma = {"enable_fp_fusion": False}  # as nf4_dequantize launches it
-    for bn, bk, warps in nf4_dense.DENSE_TILES:
-        dequant = {"BLOCKSIZE": 64, "DOUBLE_QUANT": True, "BLOCK_N": bn, "BLOCK_K": bk, "BF16_BY_BITS": False}
-        specs.append(
-            KernelSpec(
-                f"nf4-dequantize-bf16-{bn}x{bk}",
-                kernel,
-                {**scales, "out_ptr": "*bf16"},
-                dequant,
-                warps,
-                1,
-                ["K"],
-                no_fma,
-            )
-        )
+    for bn, bk, warps, pair in nf4_dense.DENSE_TILES:
+        dequant = {"BLOCKSIZE": 64, "DOUBLE_QUANT": True, "BLOCK_N": bn, "BLOCK_K": bk, "PAIR_LOOKUP": pair,
+                   "BF16_BY_BITS": False}  # fmt: skip
+        name = f"nf4-dequantize-bf16-{bn}x{bk}-{'pairs' if pair else 'nibbles'}"
+        specs.append(KernelSpec(name, kernel, {**scales, "out_ptr": "*bf16"}, dequant, warps, 1, ["K"], no_fma))
     return specs
 
 

@@ -108,6 +108,22 @@ def test_dequantize_matches_reference_bit_for_bit(blocksize, double_quant, dtype
     assert torch.equal(out.cpu(), ref)
 
 
+@pytest.mark.parametrize("pair_lookup", [True, False], ids=["pair-table", "nibble-table"])
+def test_dequantize_kernel_lookups_are_bit_exact(monkeypatch, pair_lookup):
+    # Both codebook lookups the dequantize kernel's autotuner chooses between, into a preallocated buffer.
+    dense = importlib.import_module("fastllm.kernels.nf4_dense")
+    monkeypatch.setattr(dense, "_INTERPRETER_TILE", (16, 128, 4, pair_lookup))
+    dense._tuner.cache_clear()
+    try:
+        w = make_weight(21, 320, 64, True, seed=5)
+        for dtype in (torch.bfloat16, torch.float16):
+            out = dense.dequantize_into(torch.empty(21, 320, dtype=dtype, device=DEVICE), w.tensors(), 64)
+            ref = reference.dequantize_nf4(*(t.cpu() for t in w.tensors()), 64, w.shape, dtype)
+            assert torch.equal(out.cpu(), ref)
+    finally:
+        dense._tuner.cache_clear()
+
+
 @pytest.fixture
 def cpu_path():
     """Route CPU tensors to the ops' own CPU implementation (C++ / torch), as on a machine without TRITON_INTERPRET:
@@ -464,3 +480,34 @@ def test_layers_on_two_gpus_decode_and_train(monkeypatch, mode):
         for b, ref in zip(biases, grad_b_ref, strict=True):
             assert rel_err(b.grad.cpu(), ref) < 3e-2
             b.grad = None
+
+
+# ---- CUDA graphs ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
+@pytest.mark.parametrize("mode", ["split-atomic", "split-deterministic", "direct", "gemm-fused", "gemm-dequant"])
+def test_capture_and_replay_in_a_cuda_graph(monkeypatch, mode):
+    # Tuned and chosen before capture (a warm-up call), then captured: no host synchronization may happen inside,
+    # and a replay with new inputs gives the new product.
+    fused = importlib.import_module("fastllm.kernels.nf4_fused")
+    rows, n = 1, 300  # too few N tiles for two waves: split-K
+    if mode == "split-deterministic":
+        monkeypatch.setenv("FASTLLM_DETERMINISTIC", "1")
+    if mode == "direct":
+        n = 32 * fused.WAVES * fused.num_sms(torch.device("cuda")) + 5
+    if mode.startswith("gemm"):
+        rows = 96
+        monkeypatch.setenv("FASTLLM_NF4_GEMM", mode.removeprefix("gemm-"))
+    w = make_weight(n, 256, 64, True, seed=31)
+    x = torch.randn(rows, 256, device="cuda", dtype=torch.bfloat16)
+    nf4_matmul(x, w)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = nf4_matmul(x, w)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(y, reference.linear(x, w.dequantize(torch.float32))) < TOL[torch.bfloat16]
