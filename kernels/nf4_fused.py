@@ -312,7 +312,8 @@ def _dot_mode(dtype: torch.dtype) -> tuple[bool, str | None]:
 
 def fused_forward(x2d: torch.Tensor, tensors: tuple, bias: torch.Tensor | None, blocksize: int, n: int) -> torch.Tensor:
     """x2d (M, K) @ W^T + bias -> (M, N) in x2d.dtype; W given by its tensors (``NF4Weight.tensors()`` order).
-    M <= SMALL_M takes the split-K decode kernel, larger M the tiled GEMM."""
+    M <= SMALL_M takes the decode GEMV (direct store or split-K, see the module docstring), larger M the tiled
+    GEMM."""
     with device_guard(x2d):
         return _forward(x2d, tensors, bias, blocksize, n)
 

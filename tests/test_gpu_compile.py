@@ -142,7 +142,7 @@ for dim in (64, 128, 256):
             shown[f"{name}-{dim}-{dtype == torch.float32}"] = [
                 [c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages] for c in configs
             ]
-for kind in ("small_m", "large_m", "backward"):
+for kind in ("small_m", "split_k", "large_m", "backward"):
     for fp32 in (False, True):
         shown[f"nf4-{kind}-{fp32}"] = [
             [*(c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K")), c.num_warps, c.num_stages]
@@ -164,7 +164,7 @@ def test_fastllm_autotune_switch(autotune):
             for name, tiles in (("forward", attention_fwd.forward_tiles), ("dkdv", attention_bwd.dkdv_tiles),
                                 ("dq", attention_bwd.dq_tiles)):  # fmt: skip
                 expected[f"{name}-{dim}-{fp32}"] = tiles(dim, fp32)
-    for kind in ("small_m", "large_m", "backward"):
+    for kind in ("small_m", "split_k", "large_m", "backward"):
         for fp32 in (False, True):
             expected[f"nf4-{kind}-{fp32}"] = nf4_fused.tile_specs(kind, fp32)
     expected = {key: [list(t) for t in (tiles[:1] if autotune == "0" else tiles)] for key, tiles in expected.items()}
