@@ -51,7 +51,7 @@ def _extension():
 
 
 setup(
-    packages=["fastllm", "fastllm.nn", "fastllm.integrations", "fastllm.kernels"],
+    packages=["fastllm", "fastllm.nn", "fastllm.integrations", "fastllm.kernels", "fastllm.ops"],
     package_dir={"fastllm": "fastllm", "fastllm.kernels": "kernels"},
     ext_modules=_extension(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

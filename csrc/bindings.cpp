@@ -2,7 +2,7 @@
 // (nf4_cpu.cpp) and, when built with nvcc (FASTLLM_WITH_CUDA), their CUDA kernels
 // (nf4_cuda.cu, raw pointers, launched here on torch's current stream). Argument checks
 // live here, shared by both devices. Fake (meta) kernels are registered in Python
-// (fastllm/_backend.py) so torch.compile can trace the ops.
+// (fastllm/ops/nf4.py, the op registry) so torch.compile can trace the ops.
 //
 // Schemas (torch.ops.fastllm.*):
 //   quantize_nf4(Tensor weight, int blocksize, bool double_quant, Tensor dynamic_map)

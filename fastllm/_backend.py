@@ -3,8 +3,8 @@
 ``fastllm._C`` (built from csrc/ by setup.py) registers ops in the ``torch.ops.fastllm``
 namespace for the CPU and, when compiled with nvcc, the CUDA dispatch key; their schemas
 are documented in ``csrc/bindings.cpp``. Their fake (meta) implementations are registered
-here so ``torch.compile`` can trace them. Set ``FASTLLM_DISABLE_EXT=1`` to force the plain
-PyTorch reference path.
+in the op registry (``fastllm.ops.nf4``) so ``torch.compile`` can trace them. Set
+``FASTLLM_DISABLE_EXT=1`` to force the plain PyTorch reference path.
 """
 
 from __future__ import annotations
@@ -13,44 +13,11 @@ import os
 
 import torch
 
-from fastllm.codebook import NESTED_BLOCKSIZE
-
 # The ops fastllm._C defines (torch.ops.fastllm.<name>).
 EXTENSION_OPS: tuple[str, ...] = ("quantize_nf4", "decode_scales", "dequantize_nf4", "nf4_gemv")
 
 _extension_error: str | None = None
 _cuda_built = False
-
-
-def _register_fakes() -> None:
-    # Output shapes depend only on input shapes and ints, so the fakes are exact.
-    @torch.library.register_fake("fastllm::quantize_nf4")
-    def _(weight, blocksize, double_quant, dynamic_map):
-        n = weight.numel()
-        nblocks = -(-n // blocksize)
-        packed = weight.new_empty(((n + 1) // 2,), dtype=torch.uint8)
-        if double_quant:
-            return (
-                packed,
-                weight.new_empty((nblocks,), dtype=torch.uint8),
-                weight.new_empty((-(-nblocks // NESTED_BLOCKSIZE),), dtype=torch.float32),
-                weight.new_empty((), dtype=torch.float32),
-            )
-        empty = weight.new_empty((0,), dtype=torch.float32)
-        return packed, weight.new_empty((nblocks,), dtype=torch.float32), empty, empty.clone()
-
-    @torch.library.register_fake("fastllm::decode_scales")
-    def _(absmax, nested_absmax, offset, dynamic_map):
-        return absmax.new_empty((absmax.numel(),), dtype=torch.float32)
-
-    @torch.library.register_fake("fastllm::dequantize_nf4")
-    def _(packed, scales, blocksize, numel, dtype):
-        return packed.new_empty((numel,), dtype=dtype)
-
-    @torch.library.register_fake("fastllm::nf4_gemv")
-    def _(x, packed, scales, blocksize, N):
-        return x.new_empty((x.shape[0], N))
-
 
 if os.environ.get("FASTLLM_DISABLE_EXT") == "1":
     _extension_error = "disabled by FASTLLM_DISABLE_EXT=1"
@@ -59,7 +26,6 @@ else:
         from fastllm import _C  # (importing registers torch.ops.fastllm.*)
 
         _cuda_built = bool(_C.cuda_built())
-        _register_fakes()
     except ImportError as exc:
         _extension_error = f"fastllm._C not importable: {exc}"
 

@@ -72,6 +72,23 @@ class NF4Weight:
         tensors = [self.data, self.absmax, self.nested_absmax, self.offset]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(data, absmax, nested_absmax, offset): the weight's tensors, in the order every ``fastllm::`` NF4 op takes
+        them (nested_absmax and offset are None without double quantization). Inverse of :meth:`from_tensors`."""
+        return self.data, self.absmax, self.nested_absmax, self.offset
+
+    @classmethod
+    def from_tensors(
+        cls,
+        tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
+        blocksize: int,
+        shape: tuple[int, ...] | torch.Size,
+        dtype: torch.dtype,
+    ) -> NF4Weight:
+        """The weight whose :meth:`tensors` are ``tensors`` (no copy), with its layout ints and original dtype."""
+        data, absmax, nested_absmax, offset = tensors
+        return cls(data, absmax, blocksize, torch.Size(shape), dtype, nested_absmax, offset)
+
     def block_scales(self) -> torch.Tensor:
         """fp32 [nblocks]: the per-block absmax, nested dequantization applied."""
         if self.double_quant and _backend.has_op("decode_scales", self.device):

@@ -12,7 +12,6 @@ if __name__ != "fastllm.kernels":
     raise ImportError(f"fastllm's kernels/ folder must be imported as fastllm.kernels, not as {__name__!r}")
 
 from .attention import attention, attention_varlen
-from .nf4_dequant import nf4_dequantize
-from .nf4_matmul import nf4_matmul, nf4_matmul_t
+from .nf4_api import nf4_dequantize, nf4_matmul, nf4_matmul_t
 
 __all__ = ["attention", "attention_varlen", "nf4_matmul", "nf4_matmul_t", "nf4_dequantize"]

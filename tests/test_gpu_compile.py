@@ -18,8 +18,8 @@ from _triton_compile import SM90_SHARED_LIMIT, KernelSpec, compile_for_gpu, pyth
 
 from fastllm.kernels import attention_bwd, attention_fwd
 
-# fastllm.kernels re-exports the function nf4_matmul under the module's name
-nf4_matmul = importlib.import_module("fastllm.kernels.nf4_matmul")
+nf4_fused = importlib.import_module("fastllm.kernels.nf4_fused")
+nf4_dense = importlib.import_module("fastllm.kernels.nf4_dense")
 
 ATTN = "fastllm.kernels.attention_fwd:_attention_fwd_kernel"
 DKDV = "fastllm.kernels.attention_bwd:_attention_dkdv_kernel"
@@ -79,30 +79,35 @@ def attention_specs() -> list[KernelSpec]:
 def nf4_specs() -> list[KernelSpec]:
     """Forward (split-K decode and tiled GEMM), backward and dequantize; 16-bit dtypes and fp32 with exact dots."""
     scales = {"data_ptr": "*u8", "absmax_ptr": "*u8", "nested_ptr": "*fp32", "offset_ptr": "*fp32",
-              "dmap_ptr": "*fp32", "code_ptr": "*fp32"}  # fmt: skip
+              "dmap_ptr": "*fp32", "pairs_ptr": "*fp32"}  # fmt: skip
     specs = []
     for dtype, (dot_fp32, precision) in (("fp16", (False, None)), ("bf16", (False, None)), ("fp32", (True, "ieee"))):
         quant = {"BLOCKSIZE": 64, "DOUBLE_QUANT": True, "DOT_FP32": dot_fp32, "DOT_PRECISION": precision}
-        for kind in ("small_m", "large_m", "backward"):
-            bm, bn, bk, split, warps, stages = nf4_matmul.tile_specs(kind, dot_fp32)[0]
+        # (name, tile kind, GEMV output mode: 0 stores y, 1 adds fp32 partials atomically, 2 stores them)
+        for name, kind, mode in (("small_m", "small_m", 0), ("split_k", "split_k", 1),
+                                 ("split_k-deterministic", "split_k", 2), ("large_m", "large_m", 0),
+                                 ("backward", "backward", 0)):  # fmt: skip
+            bm, bn, bk, split, warps, stages = nf4_fused.tile_specs(kind, dot_fp32)[0]
             tiles = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}
             if kind == "backward":
                 kernel, types = "_backward_kernel", {"grad_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"}
                 constexprs = {**quant, **tiles}
             else:
-                out = "*fp32" if split > 1 else f"*{dtype}"
+                out = "*fp32" if mode else f"*{dtype}"
                 kernel, types = "_forward_kernel", {"x_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "out_ptr": out}
-                constexprs = {"HAS_BIAS": True, **quant, **tiles}
-            kernel = f"fastllm.kernels.nf4_matmul:{kernel}"
+                constexprs = {"HAS_BIAS": True, **quant, **tiles, "OUT_MODE": mode}
+            kernel = f"fastllm.kernels.nf4_fused:{kernel}"
+            no_fma = {"enable_fp_fusion": False}  # as the launchers compile them (exact scale decode)
             specs.append(
-                KernelSpec(f"nf4-{kind}-{dtype}", kernel, {**scales, **types}, constexprs, warps, stages, ["K"])
+                KernelSpec(f"nf4-{name}-{dtype}", kernel, {**scales, **types}, constexprs, warps, stages, ["K"], no_fma)
             )
-    dequant = {"BLOCKSIZE": 64, "DOUBLE_QUANT": True, "BLOCK_N": 32, "BLOCK_K": 64}
-    kernel = "fastllm.kernels.nf4_dequant:_dequantize_kernel"
+    kernel = "fastllm.kernels.nf4_dense:_dequantize_kernel"
     no_fma = {"enable_fp_fusion": False}  # as nf4_dequantize launches it
-    specs.append(
-        KernelSpec("nf4-dequantize-bf16", kernel, {**scales, "out_ptr": "*bf16"}, dequant, 4, 3, ["K"], no_fma)
-    )
+    for bn, bk, warps, pair in nf4_dense.DENSE_TILES:
+        dequant = {"BLOCKSIZE": 64, "DOUBLE_QUANT": True, "BLOCK_N": bn, "BLOCK_K": bk, "PAIR_LOOKUP": pair,
+                   "BF16_BY_BITS": False}  # fmt: skip
+        name = f"nf4-dequantize-bf16-{bn}x{bk}-{'pairs' if pair else 'nibbles'}"
+        specs.append(KernelSpec(name, kernel, {**scales, "out_ptr": "*bf16"}, dequant, warps, 1, ["K"], no_fma))
     return specs
 
 
@@ -127,7 +132,7 @@ _SHOW_CONFIGS = """
 import importlib, json, torch
 af = importlib.import_module("fastllm.kernels.attention_fwd")
 ab = importlib.import_module("fastllm.kernels.attention_bwd")
-mm = importlib.import_module("fastllm.kernels.nf4_matmul")
+mm = importlib.import_module("fastllm.kernels.nf4_fused")
 shown = {}
 for dim in (64, 128, 256):
     for dtype in (torch.float16, torch.float32):
@@ -137,7 +142,7 @@ for dim in (64, 128, 256):
             shown[f"{name}-{dim}-{dtype == torch.float32}"] = [
                 [c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages] for c in configs
             ]
-for kind in ("small_m", "large_m", "backward"):
+for kind in ("small_m", "split_k", "large_m", "backward"):
     for fp32 in (False, True):
         shown[f"nf4-{kind}-{fp32}"] = [
             [*(c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K")), c.num_warps, c.num_stages]
@@ -159,8 +164,8 @@ def test_fastllm_autotune_switch(autotune):
             for name, tiles in (("forward", attention_fwd.forward_tiles), ("dkdv", attention_bwd.dkdv_tiles),
                                 ("dq", attention_bwd.dq_tiles)):  # fmt: skip
                 expected[f"{name}-{dim}-{fp32}"] = tiles(dim, fp32)
-    for kind in ("small_m", "large_m", "backward"):
+    for kind in ("small_m", "split_k", "large_m", "backward"):
         for fp32 in (False, True):
-            expected[f"nf4-{kind}-{fp32}"] = nf4_matmul.tile_specs(kind, fp32)
+            expected[f"nf4-{kind}-{fp32}"] = nf4_fused.tile_specs(kind, fp32)
     expected = {key: [list(t) for t in (tiles[:1] if autotune == "0" else tiles)] for key, tiles in expected.items()}
     assert shown == expected

@@ -41,7 +41,7 @@ def _split_weight(base: LinearNF4 | nn.Linear) -> tuple[tuple | None, tuple]:
     if isinstance(base, nn.Linear):
         return None, (base.weight, None, None, None)
     w = base.nf4_weight()
-    return (w.blocksize, w.shape, w.dtype), (w.data, w.absmax, w.nested_absmax, w.offset)
+    return (w.blocksize, w.shape, w.dtype), w.tensors()
 
 
 def _base_weight(
@@ -54,8 +54,7 @@ def _base_weight(
     # The inverse of _split_weight.
     if meta is None:
         return data
-    blocksize, shape, dtype = meta
-    return NF4Weight(data, absmax, blocksize, shape, dtype, nested_absmax, offset)
+    return NF4Weight.from_tensors((data, absmax, nested_absmax, offset), *meta)
 
 
 def _dropout(x: torch.Tensor, mask: torch.Tensor | None, keep: float) -> torch.Tensor:
