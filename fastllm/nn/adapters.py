@@ -121,7 +121,7 @@ def _module_of(key: str) -> str:
 def _check_config_matches_weights(config: dict, config_file: Path, tensors: dict, weights: Path) -> None:
     """The config's r and target_modules must describe the weights beside it."""
     rank = config.get("r")
-    for key, tensor in tensors.items():
+    for key, tensor in sorted(tensors.items()):
         if rank is not None and key.endswith(".lora_A.weight") and tensor.shape[0] != rank:
             raise ValueError(
                 f"{config_file}: r={rank}, but {weights} holds {key!r} of rank {tensor.shape[0]} "
@@ -130,7 +130,7 @@ def _check_config_matches_weights(config: dict, config_file: Path, tensors: dict
     targets = config.get("target_modules")
     if targets is None:
         return
-    for key in tensors:
+    for key in sorted(tensors):
         module = _module_of(key)
         if not target_matches(targets, module):
             raise ValueError(
