@@ -186,8 +186,8 @@ def _expect(key: str, tensor: torch.Tensor, dtype: torch.dtype, numel: int) -> N
 
 
 def check_blocksize(blocksize: int) -> None:
-    """Raise ValueError unless ``blocksize`` is one bitsandbytes accepts (32, 64, ..., 4096)."""
-    if blocksize not in ALLOWED_BLOCKSIZES:
+    """Raise ValueError unless ``blocksize`` is one bitsandbytes accepts (32, 64, ..., 4096), as an int."""
+    if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize not in ALLOWED_BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {ALLOWED_BLOCKSIZES}, got {blocksize!r}")
 
 

@@ -40,6 +40,14 @@ def compute_dtype_for(x: torch.Tensor, compute_dtype: torch.dtype | None) -> tup
     return compute_dtype or x.dtype, False
 
 
+def check_input(x: torch.Tensor, in_features: int) -> None:
+    """TypeError unless ``x`` is a floating-point tensor, ValueError unless its shape is (..., in_features)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have shape (..., in_features={in_features}), got {tuple(x.shape)}")
+
+
 def nf4_linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) @ W^T + bias -> (..., N) in x.dtype (bias in x.dtype).
 
@@ -130,6 +138,7 @@ class LinearNF4(nn.Module):
         return self.nf4_weight().nbytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.in_features)
         dtype, autocast = compute_dtype_for(x, self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
         y = nf4_linear(x.to(dtype), self.nf4_weight(), bias)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fastllm.nf4 import NF4Weight
-from fastllm.nn.linear_nf4 import LinearNF4, compute_dtype_for, nf4_linear, nf4_linear_t
+from fastllm.nn.linear_nf4 import LinearNF4, check_input, compute_dtype_for, nf4_linear, nf4_linear_t
 
 LORA_INITS = ("kaiming", "gaussian")
 
@@ -197,6 +197,7 @@ class LoraLinear(nn.Module):
         return cls(base, r, alpha, dropout, use_rslora, init, fan_in_fan_out=conv1d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.in_features)
         base = self.base_layer
         dtype, autocast = compute_dtype_for(x, self.compute_dtype)
         xc = x.to(dtype)
