@@ -219,6 +219,8 @@ def read_together(directory: str | os.PathLike, names: Iterable[str], retries: i
     again, up to ``retries`` times. Raises FileNotFoundError / NotADirectoryError for a bad ``directory``.
     """
     names = list(names)
+    if os.open not in os.supports_dir_fd:  # Windows: no directory handles (and no atomic directory swap either)
+        return {name: _read_file(Path(directory) / name) for name in names}
     for _ in range(retries):
         dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         fds: dict[str, int | None] = {}
@@ -240,6 +242,13 @@ def read_together(directory: str | os.PathLike, names: Iterable[str], retries: i
                     os.close(fd)
             os.close(dir_fd)
     raise OSError(f"{directory} was replaced {retries} times while being read; giving up")
+
+
+def _read_file(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
 
 
 def _read_all(fd: int) -> bytes:

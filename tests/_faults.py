@@ -2,8 +2,9 @@
 
 File operations are seen through Python's audit hooks (``open``, ``os.rename`` (also ``os.replace``),
 ``os.link``, ``os.remove``, ``os.rmdir``, ``os.mkdir``, ``os.chmod``, ``os.symlink``, ``shutil.rmtree``,
-``shutil.copyfile``, ``ctypes.call_function`` for ``renameat2``) plus ``os.fsync``, which has no audit event and
-is wrapped, and any function a test wraps with :meth:`FaultPlan.step` (e.g. safetensors' Rust writer).
+``shutil.copyfile``) plus ``os.fsync`` and the ``renameat2`` exchange, which raise no audit event and are
+wrapped (:func:`fsync_counted`), and any function a test wraps with :meth:`FaultPlan.wrap` (e.g. safetensors'
+Rust writer).
 
 At the chosen operation the plan either raises :class:`InjectedFault` (the operation does not happen) or,
 with ``kill=True``, sends SIGKILL to its own process (run that in a forked child).
@@ -29,7 +30,6 @@ EVENTS = frozenset(
         "os.symlink",
         "shutil.rmtree",
         "shutil.copyfile",
-        "ctypes.call_function",
     }
 )
 
@@ -97,8 +97,12 @@ sys.addaudithook(_hook)  # audit hooks cannot be removed; disarmed it only check
 
 @contextmanager
 def fsync_counted(monkeypatch):
-    """Make ``os.fsync`` one of the counted operations for the duration."""
+    """Also count the file operations no audit event reports: ``os.fsync`` and the ``renameat2`` exchange of
+    :mod:`fastllm._atomic` (a ctypes call, which raises no audit event)."""
+    from fastllm import _atomic
+
     monkeypatch.setattr(os, "fsync", _fsync)
+    monkeypatch.setattr(_atomic, "_exchange", PLAN.wrap(_atomic._exchange, "renameat2(RENAME_EXCHANGE)"))
     yield
 
 
