@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 from benchmarks.runner import SUITES  # noqa: E402
+from fastllm._atomic import atomic_write  # noqa: E402
 
 
 def shape_label(shape: dict[str, int]) -> str:
@@ -79,6 +80,17 @@ def markdown(records: list[dict], facts: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _save_figure(fig: plt.Figure, path: Path) -> None:
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+
+
+def _write_text(path: Path, text: str) -> None:
+    # Every result file is replaced atomically: an interrupted run leaves the previous file, never a torn one.
+    with atomic_write(path, "w") as f:
+        f.write(text)
+
+
 def plot(suite: str, records: list[dict], path: Path) -> None:
     """Horizontal bars of the figure per case, one bar per provider, one panel per metric."""
     ok = [r for r in records if r["status"] == "ok"]
@@ -88,7 +100,7 @@ def plot(suite: str, records: list[dict], path: Path) -> None:
         reasons = sorted({r["reason"] for r in records}) or ["no cases"]
         ax.text(0.5, 0.5, f"{suite}: nothing measured\n" + "\n".join(reasons), ha="center", va="center", wrap=True)
         ax.axis("off")
-        fig.savefig(path, dpi=100)
+        _save_figure(fig, path)
         plt.close(fig)
         return
     providers = list(dict.fromkeys(r["provider"] for r in ok))
@@ -118,7 +130,7 @@ def plot(suite: str, records: list[dict], path: Path) -> None:
         ax.grid(axis="x", alpha=0.3)
     axes[0, 0].set_title(f"{suite}: {ok[0]['device']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save_figure(fig, path)
     plt.close(fig)
 
 
@@ -132,14 +144,14 @@ def write(records: list[dict], facts: dict, out: Path) -> str:
     for r in records:
         by_suite[r["suite"]].append(r)
     for suite, rows in by_suite.items():
-        (out / f"{suite}.json").write_text(json.dumps(rows, indent=1) + "\n")
+        _write_text(out / f"{suite}.json", json.dumps(rows, indent=1) + "\n")
         plot(suite, rows, out / f"{suite}.png")
-    (out / "run.json").write_text(json.dumps(facts, indent=1) + "\n")
+    _write_text(out / "run.json", json.dumps(facts, indent=1) + "\n")
     kept = []
     for suite in SUITES:
         path = out / f"{suite}.json"
         if suite not in by_suite and path.exists():
             kept += json.loads(path.read_text())
     text = markdown(records + kept, facts)
-    (out / "results.md").write_text(text)
+    _write_text(out / "results.md", text)
     return text

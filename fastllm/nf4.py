@@ -203,15 +203,15 @@ def _expect(key: str, tensor: torch.Tensor, dtype: torch.dtype, numel: int) -> N
 
 
 def check_blocksize(blocksize: int) -> None:
-    """Raise ValueError unless ``blocksize`` is one bitsandbytes accepts (32, 64, ..., 4096)."""
-    if blocksize not in ALLOWED_BLOCKSIZES:
+    """Raise ValueError unless ``blocksize`` is one bitsandbytes accepts (32, 64, ..., 4096), as an int."""
+    if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize not in ALLOWED_BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {ALLOWED_BLOCKSIZES}, got {blocksize!r}")
 
 
 def quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
     """Quantize ``weight`` (any shape, fp32/fp16/bf16) to NF4, bytes identical to bitsandbytes.
 
-    Raises TypeError for a non-floating dtype, ValueError for an empty tensor, a bad
+    Raises TypeError for a non-floating dtype, ValueError for an empty or meta tensor, a bad
     blocksize, or NaN/Inf values (with their count).
     """
     if not isinstance(weight, torch.Tensor):
@@ -220,6 +220,8 @@ def quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = Tru
         raise TypeError(f"weight must be float32, float16 or bfloat16, got {weight.dtype}")
     if weight.numel() == 0:
         raise ValueError(f"weight is empty (shape {tuple(weight.shape)})")
+    if weight.is_meta:
+        raise ValueError("weight is on the meta device (it holds no values to quantize); load or materialize it first")
     check_blocksize(blocksize)
     weight = weight.detach()
     if _backend.has_op("quantize_nf4", weight.device):

@@ -17,6 +17,8 @@ A query row that sees no key outputs zeros, has lse = -inf and gets zero gradien
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterator
 
 import torch
@@ -39,6 +41,10 @@ def _window_bound(value: int | None, side: str) -> int:
     return value
 
 
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _normalise_options(
     causal: bool, window: tuple[int | None, int | None] | None, softcap: float | None, scale: float | None, dim: int
 ) -> tuple[float, float, int, int]:
@@ -51,8 +57,10 @@ def _normalise_options(
         left, right = _window_bound(window[0], "left"), _window_bound(window[1], "right")
     if causal:  # as flash-attn: causal is a window whose right side is 0
         right = 0
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap: expected None or a float > 0, got {softcap!r}")
+    if softcap is not None and not (_is_real(softcap) and math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap: expected None or a finite float > 0, got {softcap!r}")
+    if scale is not None and not (_is_real(scale) and math.isfinite(scale)):
+        raise ValueError(f"scale: expected None or a finite float, got {scale!r}")
     if scale is None:
         scale = dim**-0.5
     return float(scale), float(softcap or 0.0), left, right

@@ -1,5 +1,7 @@
 """LinearNF4: bitsandbytes-identical state dict (both directions), forward/backward vs the fp64 reference."""
 
+import json
+
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -8,7 +10,7 @@ from _tiny_models import bnb_linear4bit
 from torch import nn
 
 from fastllm import LinearNF4, reference
-from fastllm.nf4 import quantize
+from fastllm.nf4 import BNB_QUANT_STATE_KEY, quantize
 from fastllm.nn.bnb_convert import convert_bnb_linear4bit, linear_nf4_from_bnb
 
 
@@ -32,10 +34,17 @@ def test_loads_bitsandbytes_state_dict_and_bnb_loads_ours():
     torch.manual_seed(1)
     linear = nn.Linear(128, 80)
     theirs = bnb_linear4bit(linear)
-    # Start from another weight, blocksize and format: loading replaces all of it.
+    # A layer in another format (blocksize, double quantization) refuses the state dict: loading would silently
+    # change its format. assign=True adopts the state dict's format, as it adopts a parameter's dtype.
     ours = LinearNF4.from_linear(nn.Linear(128, 80), blocksize=128, double_quant=False)
-    result = ours.load_state_dict(theirs.state_dict())
+    with pytest.raises(ValueError, match=r"format \(blocksize, double_quant, dtype\) = \(64, True, torch.float32\)"):
+        ours.load_state_dict(theirs.state_dict())
+    result = ours.load_state_dict(theirs.state_dict(), assign=True)
     assert not result.missing_keys and not result.unexpected_keys
+    assert (ours.blocksize, ours.nested_absmax is not None) == (64, True)
+    same_format = LinearNF4.from_linear(nn.Linear(128, 80))
+    same_format.load_state_dict(theirs.state_dict())
+    assert all(torch.equal(v, theirs.state_dict()[k]) for k, v in same_format.state_dict().items())
     x = torch.randn(5, 128)
     assert rel_err(ours(x), theirs(x)) < 1e-5
     # bitsandbytes loads a quantized state dict through Params4bit.from_prequantized (as transformers does).
@@ -122,7 +131,7 @@ def test_bad_input():
         LinearNF4.from_linear(nn.Linear(64, 64), blocksize=48)
     layer = LinearNF4.from_linear(nn.Linear(64, 32))
     other = LinearNF4.from_linear(nn.Linear(64, 48)).state_dict()
-    with pytest.raises(RuntimeError, match=r"weight holds a weight of shape \(48, 64\)"):
+    with pytest.raises(ValueError, match=r"holds a weight of shape \(48, 64\), this layer needs \(32, 64\)"):
         layer.load_state_dict(other)
     missing = {k: v for k, v in layer.state_dict().items() if k != "weight.absmax"}
     with pytest.raises(RuntimeError, match="Missing key.*weight.absmax"):
@@ -156,3 +165,161 @@ def test_bitsandbytes_conversion_refuses_what_it_cannot_share():
         linear_nf4_from_bnb(bnb.nn.Linear4bit(64, 32, quant_type="fp4").to("cpu"))
     with pytest.raises(ValueError, match="only quant_storage=torch.uint8.*torch.bfloat16"):
         linear_nf4_from_bnb(bnb.nn.Linear4bit(64, 32, quant_type="nf4", quant_storage=torch.bfloat16).to("cpu"))
+
+
+# -- strict loading: every bad state dict is refused naming the key, and the layer is left as it was -------------
+
+RECORD = f"weight.{BNB_QUANT_STATE_KEY}"
+
+
+def _record_bytes(value) -> torch.Tensor:
+    raw = value if isinstance(value, bytes) else json.dumps(value).encode()
+    return torch.tensor(list(raw), dtype=torch.uint8)
+
+
+def _with_record(sd: dict, **changes) -> dict:
+    record = json.loads(bytes(sd[RECORD].numpy()).decode())
+    for field, value in changes.items():
+        if value is _DROP:
+            record.pop(field)
+        else:
+            record[field] = value
+    return {**sd, RECORD: _record_bytes(record)}
+
+
+_DROP = object()
+
+# (change to the JSON record, the field or phrase the error must name)
+_BAD_RECORDS = [
+    (dict(blocksize=None), "field 'blocksize' must be one of .*got None \\(JSON null\\)"),
+    (dict(blocksize="64"), "field 'blocksize' must be one of .*'64' \\(JSON string\\)"),
+    (dict(blocksize=64.0), "field 'blocksize' must be one of"),
+    (dict(blocksize=True), "field 'blocksize' must be one of"),
+    (dict(blocksize=48), "field 'blocksize' must be one of"),
+    (dict(blocksize=128), "format \\(blocksize, double_quant, dtype\\) = \\(128, True"),
+    (dict(quant_type="fp4"), "field 'quant_type' must be 'nf4'"),
+    (dict(quant_type=None), "field 'quant_type' must be 'nf4'"),
+    (dict(dtype="float64"), "field 'dtype' must be one of"),
+    (dict(dtype=None), "field 'dtype' must be one of"),
+    (dict(dtype="bfloat16"), "format .*torch.bfloat16\\) differs from this layer's"),
+    (dict(shape=[64]), "holds a weight of shape \\(64,\\), this layer needs \\(32, 64\\)"),
+    (dict(shape=[48, 64]), "holds a weight of shape \\(48, 64\\), this layer needs \\(32, 64\\)"),
+    (dict(shape="32x64"), "field 'shape' must be a non-empty list of positive integers"),
+    (dict(shape=[32, -64]), "field 'shape' must be a non-empty list"),
+    (dict(shape=[32, 64.0]), "field 'shape' must be a non-empty list"),
+    (dict(shape=[]), "field 'shape' must be a non-empty list"),
+    (dict(nested_blocksize=128), "field 'nested_blocksize' must be 256"),
+    (dict(nested_blocksize="256"), "field 'nested_blocksize' must be 256"),
+    (dict(nested_dtype="float16"), "field 'nested_dtype' must be 'float32'"),
+    (dict(nested_offset=float("nan")), "field 'nested_offset' must be a finite number"),
+    (dict(nested_offset=float("inf")), "field 'nested_offset' must be a finite number"),
+    (dict(nested_offset=None), "field 'nested_offset' must be a finite number"),
+    (dict(nested_offset="0.01"), "field 'nested_offset' must be a finite number"),
+    (dict(nested_offset=True), "field 'nested_offset' must be a finite number"),
+    (dict(nested_offset=-0.5), "field 'nested_offset' must be >= 0"),
+    (dict(nested_dtype=_DROP), "has \\['nested_blocksize', 'nested_offset'\\] but not all"),
+    (dict(blocksize=_DROP), "record lacks \\['blocksize'\\]"),
+    (dict(compress="yes"), "unknown field\\(s\\) \\['compress'\\]"),
+]
+
+
+def _layer_and_state(double_quant: bool = True, bias: bool = True) -> tuple[LinearNF4, dict, dict]:
+    """A layer, a valid state dict of another weight in its format, and the layer's own state (to compare)."""
+    torch.manual_seed(7)
+    layer = LinearNF4.from_linear(nn.Linear(64, 32, bias=bias), double_quant=double_quant)
+    sd = LinearNF4.from_linear(nn.Linear(64, 32, bias=bias), double_quant=double_quant).state_dict()
+    return layer, sd, {k: v.clone() for k, v in layer.state_dict().items()}
+
+
+def _unchanged(layer: LinearNF4, before: dict) -> bool:
+    after = layer.state_dict()
+    return after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("change, message", _BAD_RECORDS, ids=[str(c) for c, _ in _BAD_RECORDS])
+def test_bad_quant_state_records_are_refused(change, message):
+    layer, sd, before = _layer_and_state()
+    with pytest.raises(ValueError, match=message) as info:
+        layer.load_state_dict(_with_record(sd, **change))
+    assert "weight" in str(info.value)
+    assert _unchanged(layer, before)
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ([1, 2], "the quant-state record must be a JSON object, got a JSON array"),
+        (None, "the quant-state record must be a JSON object, got a JSON null"),
+        ("nf4", "the quant-state record must be a JSON object, got a JSON string"),
+        (b'{"quant_type": "nf4"', "not a JSON quant-state record"),
+        (b"\xff\xfe", "not a JSON quant-state record"),
+    ],
+)
+def test_malformed_quant_state_records_are_refused(raw, message):
+    layer, sd, before = _layer_and_state()
+    with pytest.raises(ValueError, match=f"{RECORD}: {message}"):
+        layer.load_state_dict({**sd, RECORD: _record_bytes(raw)})
+    assert _unchanged(layer, before)
+
+
+def _poke(t: torch.Tensor, value: float) -> torch.Tensor:
+    t = t.clone()
+    t.view(-1)[0] = value
+    return t
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_bad_tensors_are_refused(double_quant):
+    layer, sd, before = _layer_and_state(double_quant)
+    probes = [
+        ({"bias": torch.zeros(33)}, "bias: must have shape \\(32,\\), got \\(33,\\)"),
+        ({"bias": torch.zeros(32, dtype=torch.int64)}, "bias: must be a floating-point tensor"),
+        ({"bias": _poke(sd["bias"], float("nan"))}, "bias: holds 1 non-finite values"),
+        ({"weight": sd["weight"].float()}, "weight: must have dtype torch.uint8"),
+        ({"weight": sd["weight"][:-1]}, "weight: must hold 1024 elements"),
+        ({"weight": [1, 2, 3]}, "weight: expected a torch.Tensor, got list"),
+        ({"weight": torch.empty_like(sd["weight"], device="meta")}, "weight: is on the meta device"),
+        ({"weight.quant_map": _poke(sd["weight.quant_map"], -0.9)}, "weight.quant_map: is not the NF4 code table"),
+        ({"weight.quant_map": sd["weight.quant_map"][:8]}, "weight.quant_map: is not the NF4 code table"),
+        ({"weight.absmax": sd["weight.absmax"][:-1]}, "weight.absmax: must hold 32 elements"),
+        ({RECORD: sd[RECORD].float()}, "must be uint8 bytes|expected uint8 bytes"),
+    ]
+    if double_quant:
+        probes += [
+            ({"weight.absmax": sd["weight.absmax"].float()}, "weight.absmax: must have dtype torch.uint8"),
+            ({"weight.nested_absmax": _poke(sd["weight.nested_absmax"], float("nan"))}, "nested_absmax: holds 1 non-f"),
+            ({"weight.nested_absmax": _poke(sd["weight.nested_absmax"], float("inf"))}, "nested_absmax: holds 1 non-f"),
+            ({"weight.nested_absmax": _poke(sd["weight.nested_absmax"], -1.0)}, "nested_absmax: holds 1 negative"),
+            ({"weight.nested_absmax": sd["weight.nested_absmax"].double()}, "nested_absmax: must have dtype"),
+            ({"weight.nested_quant_map": _poke(sd["weight.nested_quant_map"], 0.5)}, "nested_quant_map: is not the 8"),
+            ({"weight.nested_quant_map": None}, "nested_quant_map: missing, but the quant-state record is double"),
+        ]
+    else:
+        probes += [
+            ({"weight.absmax": _poke(sd["weight.absmax"], float("nan"))}, "weight.absmax: holds 1 non-finite"),
+            ({"weight.absmax": _poke(sd["weight.absmax"], float("-inf"))}, "weight.absmax: holds 1 non-finite"),
+            ({"weight.absmax": _poke(sd["weight.absmax"], -0.5)}, "weight.absmax: holds 1 negative"),
+            ({"weight.absmax": sd["weight.absmax"].half()}, "weight.absmax: must have dtype torch.float32"),
+            ({"weight.nested_absmax": torch.ones(1)}, "nested_absmax: present, but the quant-state record is not"),
+        ]
+    for change, message in probes:
+        bad = {k: v for k, v in {**sd, **change}.items() if v is not None}
+        error = TypeError if isinstance(next(iter(change.values())), list) else ValueError
+        with pytest.raises(error, match=message):
+            layer.load_state_dict(bad)
+        assert _unchanged(layer, before), change.keys()
+    layer.load_state_dict(sd)  # the valid one loads
+    assert _unchanged(layer, sd)
+
+
+def test_assign_loads_onto_a_meta_layer():
+    torch.manual_seed(8)
+    linear = nn.Linear(64, 32)
+    sd = LinearNF4.from_linear(linear).state_dict()
+    layer = LinearNF4.from_linear(nn.Linear(64, 32)).to("meta")  # as a model built on the meta device
+    with pytest.raises(ValueError, match="this layer is on the meta device; load with .*assign=True"):
+        layer.load_state_dict(sd)
+    layer.load_state_dict(sd, assign=True)
+    x = torch.randn(3, 64)
+    ref = reference.linear(x, quantize(linear.weight).dequantize(torch.float32), linear.bias.detach())
+    assert rel_err(layer(x), ref) < 1e-5

@@ -212,3 +212,22 @@ def test_init():
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LoraLinear.from_linear(nn.Linear(64, 64), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"alpha": float("inf")}, ValueError, r"alpha .LoRA alpha. must be a number > 0 \(finite\), got inf"),
+        ({"alpha": float("nan")}, ValueError, "alpha .LoRA alpha. must be a number > 0 .finite., got nan"),
+        ({"alpha": True}, ValueError, "alpha .LoRA alpha. must be a number > 0"),
+        ({"dropout": float("nan")}, ValueError, r"dropout must be a number in \[0, 1\)"),
+        ({"use_rslora": "false"}, TypeError, "use_rslora must be a bool, got 'false'"),
+        ({"use_rslora": 1}, TypeError, "use_rslora must be a bool"),
+    ],
+)
+def test_non_finite_and_mistyped_hyper_parameters(kwargs, error, message):
+    # Each used to build a layer whose every output is NaN (alpha=inf) or that silently turned rsLoRA on.
+    with pytest.raises(error, match=message):
+        LoraLinear.from_linear(nn.Linear(64, 64), **kwargs)
+    with pytest.raises(error, match=message):
+        LoraLinear(nn.Linear(64, 64), **{"r": 4, **kwargs})

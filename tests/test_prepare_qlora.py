@@ -165,3 +165,46 @@ def test_bitsandbytes_model_converted_reusing_bytes():
         assert isinstance(base, LinearNF4)
         assert base.weight.data_ptr() == weight_ptr and base.absmax.data_ptr() == absmax_ptr
     assert rel_err(logits(model, batch), expected) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"target_modules": None}, TypeError, "target_modules must be 'all-linear', a regex string or a list of str"),
+        ({"target_modules": 3}, TypeError, "target_modules must be"),
+        ({"target_modules": ["q_proj", None]}, TypeError, "target_modules must be"),
+        ({"target_modules": "q_proj("}, ValueError, "target_modules 'q_proj\\(' is not a valid regular expression"),
+        ({"skip_modules": "vision_tower"}, TypeError, "skip_modules must be None or a list of module names"),
+        ({"skip_modules": [1]}, TypeError, "skip_modules must be None or a list"),
+        ({"alpha": float("inf")}, ValueError, "alpha .LoRA alpha. must be a number > 0 .finite."),
+        ({"alpha": float("nan")}, ValueError, "alpha .LoRA alpha. must be a number > 0 .finite."),
+        ({"use_rslora": "false"}, TypeError, "use_rslora must be a bool"),
+        ({"double_quant": "yes"}, TypeError, "double_quant must be a bool"),
+        ({"compute_dtype": torch.int8}, TypeError, "compute_dtype must be None, torch.float32, torch.float16 or"),
+        ({"compute_dtype": "bfloat16"}, TypeError, "compute_dtype must be None, torch.float32, torch.float16 or"),
+    ],
+)
+def test_mistyped_and_non_finite_arguments_leave_model_unchanged(kwargs, error, message):
+    model = make_model("llama")
+    before = snapshot(model)
+    with pytest.raises(error, match=message):
+        prepare_qlora(model, progress=False, **kwargs)
+    assert_unchanged(model, before)
+
+
+def test_second_prepare_says_already_prepared():
+    model = prepare_qlora(make_model("llama"), r=4, progress=False)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"model is already prepared: it holds 14 LoraLinear layers \(model.layers.0"):
+        prepare_qlora(model, progress=False)
+    with pytest.raises(ValueError, match="model is already prepared"):
+        prepare_qlora(model, target_modules=["q_proj"], progress=False)
+    assert_unchanged(model, before)
+
+
+def test_meta_device_model_is_refused():
+    with torch.device("meta"):
+        model = make_model("llama")
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj.weight is on the meta device"):
+        prepare_qlora(model, progress=False)
+    assert not any(isinstance(m, LoraLinear) for m in model.modules())

@@ -19,9 +19,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from fastllm.codebook import nf4_code
 from fastllm.kernels import nf4_matmul, nf4_matmul_t
 from fastllm.nf4 import BNB_QUANT_STATE_KEY, NF4Weight, quantize
+from fastllm.nn.nf4_state import QuantStateRecord, checked_bias, checked_weight
 
 # Quantization statistics: they keep their dtype through Module.to(dtype) / .half() / .bfloat16().
 _STAT_NAMES = ("absmax", "nested_absmax", "offset")
@@ -38,6 +38,14 @@ def compute_dtype_for(x: torch.Tensor, compute_dtype: torch.dtype | None) -> tup
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type), True
     return compute_dtype or x.dtype, False
+
+
+def check_input(x: torch.Tensor, in_features: int) -> None:
+    """TypeError unless ``x`` is a floating-point tensor, ValueError unless its shape is (..., in_features)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have shape (..., in_features={in_features}), got {tuple(x.shape)}")
 
 
 def nf4_linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -130,6 +138,7 @@ class LinearNF4(nn.Module):
         return self.nf4_weight().nbytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.in_features)
         dtype, autocast = compute_dtype_for(x, self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
         y = nf4_linear(x.to(dtype), self.nf4_weight(), bias)
@@ -174,23 +183,38 @@ class LinearNF4(nn.Module):
         unexpected_keys.extend(prefix + k for k in ours if k not in known)
         if missing:
             return
-        try:
-            if not torch.equal(ours["weight.quant_map"].float().cpu(), nf4_code()):
-                raise ValueError(f"{prefix}weight.quant_map is not the NF4 code table (only nf4 is supported)")
-            w = NF4Weight.from_bnb_state_dict(ours, "weight")
-            if tuple(w.shape) != (self.out_features, self.in_features):
-                raise ValueError(
-                    f"{prefix}weight holds a weight of shape {tuple(w.shape)}, this layer needs "
-                    f"({self.out_features}, {self.in_features})"
-                )
-        except (KeyError, ValueError) as exc:
-            error_msgs.append(f"{prefix}weight: {exc}")
-            return
-        device = self.weight.device
-        self._set_weight(w.to(device))
-        if self.bias is not None:
-            with torch.no_grad():
-                self.bias.copy_(ours["bias"])
+        # Everything is checked before the layer changes; errors name the key (ValueError / TypeError).
+        assign = local_metadata.get("assign_to_params_buffers", False)
+        w = checked_weight(state_dict, prefix, lambda record, key: self._check_record(record, key, assign))
+        bias = None if self.bias is None else checked_bias(state_dict, prefix + "bias", self.out_features)
+        if not assign and self.weight.is_meta:
+            raise ValueError(
+                f"{prefix}weight: this layer is on the meta device; load with load_state_dict(..., assign=True)"
+            )
+        self._set_weight(w if assign else w.to(self.weight.device))
+        if bias is not None:
+            if assign:
+                self.bias = _frozen(bias.detach())
+            else:
+                with torch.no_grad():
+                    self.bias.copy_(bias)
+
+    def _check_record(self, record: QuantStateRecord, key: str, assign: bool) -> None:
+        # The weight's shape must be this layer's. Its format must be too: loading keeps the layer's format (as
+        # load_state_dict keeps a parameter's dtype); assign=True adopts the state dict's format instead.
+        if record.shape != (self.out_features, self.in_features):
+            raise ValueError(
+                f"{key}: the state dict holds a weight of shape {record.shape}, this layer needs "
+                f"({self.out_features}, {self.in_features})"
+            )
+        ours = (self.blocksize, self.nested_absmax is not None, self.weight_dtype)
+        theirs = (record.blocksize, record.double_quant, record.dtype)
+        if ours != theirs and not assign:
+            raise ValueError(
+                f"{key}: the state dict's format (blocksize, double_quant, dtype) = {theirs} differs from this "
+                f"layer's {ours}; loading would silently change the layer's format. Build the layer in the state "
+                "dict's format, or pass assign=True to load_state_dict to adopt it"
+            )
 
     # -- keep the statistics' dtype under Module.to(dtype) -----------------------------------------
 

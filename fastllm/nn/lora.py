@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fastllm.nf4 import NF4Weight
-from fastllm.nn.linear_nf4 import LinearNF4, compute_dtype_for, nf4_linear, nf4_linear_t
+from fastllm.nn.linear_nf4 import LinearNF4, check_input, compute_dtype_for, nf4_linear, nf4_linear_t
 
 LORA_INITS = ("kaiming", "gaussian")
 
@@ -136,7 +136,7 @@ class LoraLinear(nn.Module):
         lora_dtype: torch.dtype = torch.float32,
     ):
         super().__init__()
-        check_lora_args(r, alpha, dropout)
+        check_lora_args(r, alpha, dropout, use_rslora)
         if not isinstance(base_layer, (LinearNF4, nn.Linear)):
             raise TypeError(f"base_layer must be a LinearNF4 or nn.Linear, got {type(base_layer).__name__}")
         if init not in LORA_INITS:
@@ -181,7 +181,7 @@ class LoraLinear(nn.Module):
 
         A Conv1D's (in, out) weight is transposed to (out, in) first (``fan_in_fan_out=True``).
         """
-        check_lora_args(r, alpha, dropout)
+        check_lora_args(r, alpha, dropout, use_rslora)
         conv1d = is_conv1d(linear)
         if conv1d:
             dense = nn.Linear(linear.nx, linear.nf, device=linear.weight.device, dtype=linear.weight.dtype)
@@ -196,6 +196,7 @@ class LoraLinear(nn.Module):
         return cls(base, r, alpha, dropout, use_rslora, init, fan_in_fan_out=conv1d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.in_features)
         base = self.base_layer
         dtype, autocast = compute_dtype_for(x, self.compute_dtype)
         xc = x.to(dtype)
@@ -218,11 +219,14 @@ class LoraLinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}, use_rslora={self.use_rslora}"
 
 
-def check_lora_args(r: int, alpha: float, dropout: float) -> None:
-    """Raise ValueError unless r is a positive int, alpha > 0 and 0 <= dropout < 1."""
+def check_lora_args(r: int, alpha: float, dropout: float, use_rslora: bool = False) -> None:
+    """Raise ValueError unless r is a positive int, alpha a finite number > 0 and 0 <= dropout < 1; TypeError
+    unless use_rslora is a bool."""
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"r (LoRA rank) must be a positive integer, got {r!r}")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
-        raise ValueError(f"alpha (LoRA alpha) must be a number > 0, got {alpha!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha (LoRA alpha) must be a number > 0 (finite), got {alpha!r}")
+    if not isinstance(use_rslora, bool):
+        raise TypeError(f"use_rslora must be a bool, got {use_rslora!r}")
     if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
         raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")

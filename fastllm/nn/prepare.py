@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fastllm.nf4 import FLOAT_DTYPES, check_blocksize
 from fastllm.nn.bnb_convert import is_bnb_linear4bit, linear_nf4_from_bnb
 from fastllm.nn.lora import LoraLinear, check_lora_args, is_conv1d
 
@@ -38,6 +39,7 @@ def find_targets(
     skip_modules: Iterable[str] | None = None,
 ) -> list[str]:
     """Names of the modules :func:`prepare_qlora` would replace (see there for the matching rules)."""
+    target_modules, skip_modules = _checked_selection(target_modules, skip_modules)
     skip = set(DEFAULT_SKIP_MODULES if skip_modules is None else skip_modules)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(target_modules, str) and target_modules != "all-linear":
@@ -46,9 +48,7 @@ def find_targets(
     elif isinstance(target_modules, str):
         wanted = lambda name: True
     else:
-        suffixes = list(target_modules)
-        if not all(isinstance(s, str) for s in suffixes):
-            raise TypeError(f"target_modules must be 'all-linear', a regex string or a list of str, got {suffixes!r}")
+        suffixes = target_modules
         wanted = lambda name: any(name == s or name.endswith("." + s) for s in suffixes)
     names, inside_lora = [], []
     for name, module in model.named_modules():
@@ -95,11 +95,13 @@ def prepare_qlora(
     Returns:
         ``model``; afterwards only the LoRA A/B matrices have requires_grad=True.
 
-    Raises ValueError for bad hyper-parameters or when nothing matches (listing the linear layers
-    that exist), TypeError when ``model`` is itself a linear layer. On any error the model is left
-    exactly as it was: every replacement is built before the first one is swapped in.
+    Raises ValueError for bad hyper-parameters, a model that is already prepared, target weights on the
+    meta device, or when nothing matches (listing the linear layers that exist); TypeError for an argument
+    of the wrong type or when ``model`` is itself a linear layer. On any error the model is left exactly as
+    it was: every replacement is built before the first one is swapped in.
     """
-    check_lora_args(r, alpha, dropout)
+    _check_prepare_args(model, r, alpha, dropout, use_rslora, compute_dtype, blocksize, double_quant, progress)
+    target_modules, skip_modules = _checked_selection(target_modules, skip_modules)
     if _is_linear_like(model):
         raise TypeError(
             f"model is itself a linear layer ({type(model).__name__}); prepare_qlora replaces the layers inside "
@@ -112,6 +114,7 @@ def prepare_qlora(
             f"target_modules={target_modules!r} (skip_modules={skip_modules!r}) matched no module; "
             f"linear layers in the model: {linears or [n for n, _ in model.named_modules() if n]}"
         )
+    _refuse_meta_weights(model, names)
     replacements = {}
     for name in tqdm(names, desc="fastllm: quantizing to NF4", unit="layer", disable=not progress):
         replacements[name] = _make_lora(
@@ -122,6 +125,73 @@ def prepare_qlora(
     for pname, param in model.named_parameters():
         param.requires_grad_(pname.endswith((".lora_A", ".lora_B")))
     return model
+
+
+def _checked_selection(target_modules: object, skip_modules: object) -> tuple[str | list[str], list[str] | None]:
+    # -> (target_modules as a str or a list, skip_modules as None or a list); TypeError naming a bad argument.
+    if not isinstance(target_modules, str):
+        if not isinstance(target_modules, Iterable):
+            raise TypeError(
+                f"target_modules must be 'all-linear', a regex string or a list of str, got {target_modules!r}"
+            )
+        target_modules = list(target_modules)
+        if not all(isinstance(t, str) for t in target_modules):
+            raise TypeError(
+                f"target_modules must be 'all-linear', a regex string or a list of str, got {target_modules!r}"
+            )
+    elif target_modules != "all-linear":
+        try:
+            re.compile(target_modules)
+        except re.error as exc:
+            raise ValueError(f"target_modules {target_modules!r} is not a valid regular expression: {exc}") from exc
+    if skip_modules is not None:
+        if isinstance(skip_modules, str) or not isinstance(skip_modules, Iterable):
+            raise TypeError(f"skip_modules must be None or a list of module names (str), got {skip_modules!r}")
+        skip_modules = list(skip_modules)
+        if not all(isinstance(s, str) for s in skip_modules):
+            raise TypeError(f"skip_modules must be None or a list of module names (str), got {skip_modules!r}")
+    return target_modules, skip_modules
+
+
+def _check_prepare_args(
+    model: object,
+    r: int,
+    alpha: float,
+    dropout: float,
+    use_rslora: bool,
+    compute_dtype: object,
+    blocksize: int,
+    double_quant: bool,
+    progress: bool,
+) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_lora_args(r, alpha, dropout, use_rslora)
+    for name, value in (("double_quant", double_quant), ("progress", progress)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {value!r}")
+    if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"compute_dtype must be None, torch.float32, torch.float16 or torch.bfloat16, got {compute_dtype!r}"
+        )
+    check_blocksize(blocksize)
+    prepared = [name for name, m in model.named_modules() if isinstance(m, LoraLinear)]
+    if prepared:
+        raise ValueError(
+            f"model is already prepared: it holds {len(prepared)} LoraLinear layers ({', '.join(prepared[:3])}"
+            f"{', ...' if len(prepared) > 3 else ''}); prepare_qlora runs once per model (merge_and_unload "
+            "first to start again)"
+        )
+
+
+def _refuse_meta_weights(model: nn.Module, names: list[str]) -> None:
+    for name in names:
+        for pname, param in model.get_submodule(name).named_parameters():
+            if param.is_meta:
+                raise ValueError(
+                    f"{name}.{pname} is on the meta device: prepare_qlora quantizes the weights' values, so load "
+                    "them first (a model built under init_empty_weights / device='meta' has none)"
+                )
 
 
 def _make_lora(
