@@ -339,7 +339,7 @@ def test_non_finite_weight(broken, key, value):
     tensors = load_file(shard)
     tensors[key][3, 5] = value
     save_file(tensors, shard, metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=f"{shard.name}: tensor '{key}' holds 1 non-finite"):
+    with pytest.raises(ValueError, match=f"{shard.name}: tensor '{key}' (holds|has) 1 non-finite"):
         fastllm.from_pretrained(broken)
 
 

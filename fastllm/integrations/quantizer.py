@@ -15,6 +15,8 @@ the weight-conversion ops of ``core_model_loading``), registered as ``quant_meth
 
 from __future__ import annotations
 
+import contextvars
+
 import torch
 from torch import nn
 from transformers.core_model_loading import ConversionOps
@@ -41,6 +43,13 @@ SERIALIZED_WEIGHT_KEYS = [
 ]
 
 
+# While set (by fastllm.from_pretrained), a list that NF4Quantize appends (parameter name, error) to before
+# re-raising: transformers turns op errors into one generic RuntimeError, the caller re-raises the first one.
+QUANTIZE_ERRORS: contextvars.ContextVar[list[tuple[str, str]] | None] = contextvars.ContextVar(
+    "fastllm_quantize_errors", default=None
+)
+
+
 def _first(value):
     return value[0] if isinstance(value, list) else value
 
@@ -64,6 +73,9 @@ class NF4Quantize(ConversionOps):
             try:
                 layer.nf4 = quantize(layer.dense_weight(value), layer.blocksize, layer.double_quant)
             except ValueError as exc:  # NaN/Inf counted by the kernel
+                errors = QUANTIZE_ERRORS.get()
+                if errors is not None:
+                    errors.append((name, str(exc)))
                 raise ValueError(f"checkpoint tensor {name!r}: {exc}") from exc
             layer._is_hf_initialized = True
             out[name] = nn.Parameter(layer.nf4.data, requires_grad=False)
@@ -120,7 +132,8 @@ class NF4HfQuantizer(HfQuantizer):
         module, name = get_module_from_name(model, param_name)
         return isinstance(module, PendingNF4) and name == "weight"
 
-    def _targets(self, model: nn.Module) -> list[str]:
+    def targets(self, model: nn.Module) -> list[str]:
+        """Names of the linear layers of ``model`` (meta or not, before loading) that become NF4."""
         config = self.quantization_config
         if not self.pre_quantized:
             skip = DEFAULT_SKIP_MODULES if config.skip_modules is None else config.skip_modules
@@ -138,7 +151,7 @@ class NF4HfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs) -> None:
         config = self.quantization_config
-        replace_with_pending(model, self._targets(model), config.blocksize, config.double_quant, config.compute_dtype)
+        replace_with_pending(model, self.targets(model), config.blocksize, config.double_quant, config.compute_dtype)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs) -> nn.Module:
         finalize(model)

@@ -2,9 +2,12 @@
 
 Why not ``safetensors.safe_open``: it memory-maps every shard, and every page a read touches stays in
 the process's resident set until the file is closed, so loading a checkpoint that way costs its
-whole size in RSS on top of the model being built. Here each tensor is read (``readinto``) into a
-fresh buffer that lives only until the loader has quantized or placed it: the page cache holds the
-file, the process holds one tensor.
+whole size in RSS on top of the model being built. Here each tensor lives only until the loader has
+quantized or placed it: the page cache holds the file, the process holds one tensor.
+
+- A tensor the model keeps dense is read (``readinto``) into its own memory and checked for NaN/Inf.
+- A tensor about to be quantized is mapped alone (private mapping of its byte range, no copy); the
+  quantize kernel reads it once and counts NaN/Inf itself, and the mapping goes when the tensor does.
 
 A checkpoint directory holds ``model.safetensors`` or ``model.safetensors.index.json`` plus the
 shards it names. Errors name the file and the tensor: a missing shard (FileNotFoundError), a header
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -122,6 +126,21 @@ def read_tensor(entry: TensorEntry, check_finite: bool = True) -> torch.Tensor:
     return tensor
 
 
+def map_tensor(entry: TensorEntry) -> torch.Tensor:
+    """The tensor ``entry`` names as a CPU tensor over a private (copy-on-write) mapping of its bytes alone.
+
+    Nothing is copied; the pages are read as the tensor is, and unmapped when the tensor is freed.
+    """
+    numel = math.prod(entry.shape)
+    if numel == 0:
+        return torch.empty(entry.shape, dtype=entry.dtype)
+    start = entry.start - entry.start % mmap.ALLOCATIONGRANULARITY
+    with open(entry.file, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), entry.end - start, offset=start, access=mmap.ACCESS_COPY)
+    # The tensor keeps the mapping alive (frombuffer holds a reference to it).
+    return torch.frombuffer(mapped, dtype=entry.dtype, count=numel, offset=entry.start - start).reshape(entry.shape)
+
+
 def check_finite_values(tensor: torch.Tensor, what: str) -> None:
     """Raise ValueError naming ``what`` if ``tensor`` holds NaN or Inf.
 
@@ -137,13 +156,18 @@ def check_finite_values(tensor: torch.Tensor, what: str) -> None:
 
 class LazyTensor:
     """A checkpoint tensor not read yet: ``t[...]`` reads it (what transformers' loader calls to materialize a
-    tensor); ``get_dtype()`` / ``get_shape()`` answer like a safetensors slice without reading."""
+    tensor); ``get_dtype()`` / ``get_shape()`` answer like a safetensors slice without reading.
 
-    def __init__(self, entry: TensorEntry):
+    ``quantized``: the loader quantizes this tensor right away, so it is mapped (:func:`map_tensor`) rather
+    than copied, and its NaN/Inf check is left to the quantize kernel.
+    """
+
+    def __init__(self, entry: TensorEntry, quantized: bool = False):
         self.entry = entry
+        self.quantized = quantized
 
     def __getitem__(self, index) -> torch.Tensor:
-        tensor = read_tensor(self.entry)
+        tensor = map_tensor(self.entry) if self.quantized else read_tensor(self.entry)
         return tensor if index is Ellipsis else tensor[index]
 
     def get_dtype(self) -> str:
@@ -201,6 +225,7 @@ def checkpoint_entries(directory: str | os.PathLike) -> dict[str, TensorEntry]:
     raise FileNotFoundError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} (fastllm loads safetensors checkpoints)")
 
 
-def lazy_state_dict(entries: dict[str, TensorEntry]) -> dict[str, LazyTensor]:
-    """A state dict of :class:`LazyTensor` for transformers' loader (``from_pretrained(state_dict=...)``)."""
-    return {name: LazyTensor(entry) for name, entry in entries.items()}
+def lazy_state_dict(entries: dict[str, TensorEntry], quantized: set[str] = frozenset()) -> dict[str, LazyTensor]:
+    """A state dict of :class:`LazyTensor` for transformers' loader (``from_pretrained(state_dict=...)``);
+    the names in ``quantized`` are mapped, not copied (see :class:`LazyTensor`)."""
+    return {name: LazyTensor(entry, name in quantized) for name, entry in entries.items()}

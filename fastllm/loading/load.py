@@ -2,8 +2,8 @@
 
 The model is built by transformers' own ``from_pretrained`` (device maps, key renamings, tied weights,
 non-persistent buffers all behave as there) with fastllm's quantizer (``NF4Config``), fed a lazy state
-dict that reads each tensor from disk with a plain file read only when the loader asks for it (see
-``checkpoint.py`` for why not mmap). Checked before anything is loaded: the index and every shard
+dict that reads each tensor only when the loader asks for it, one at a time (see ``checkpoint.py``
+for why not transformers' own whole-checkpoint mmap). Checked before anything is loaded: the index and every shard
 (present, not truncated, holding what the index says) and every tensor's shape against the model the
 config describes; checked on read: NaN/Inf. Any failure raises; no half-loaded model is returned.
 """
@@ -19,7 +19,7 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
-import fastllm.integrations.quantizer  # noqa: F401  (registers the quantizer with transformers)
+from fastllm.integrations.quantizer import QUANTIZE_ERRORS, NF4HfQuantizer
 from fastllm.loading.checkpoint import TensorEntry, checkpoint_entries, lazy_state_dict
 from fastllm.loading.config import NF4Config
 
@@ -33,13 +33,13 @@ def _model_class(config: transformers.PretrainedConfig) -> type[PreTrainedModel]
     return AutoModelForCausalLM
 
 
-def check_shapes(
+def match_checkpoint(
     model_class: type[PreTrainedModel], config: transformers.PretrainedConfig, entries: dict[str, TensorEntry]
-) -> None:
-    """Raise ValueError naming file and tensor for a checkpoint tensor whose shape differs from the model's.
+) -> tuple[PreTrainedModel, dict[str, str]]:
+    """The model ``config`` describes, built on the meta device (no memory), and checkpoint key -> model key.
 
-    The model is built on the meta device (no memory) and the checkpoint keys renamed as transformers'
-    loader renames them. Keys transformers would not load, or would merge/split, are left to it.
+    Keys are renamed as transformers' loader renames them; keys it would not load, or would merge / split
+    with a converter, are left out (transformers handles them).
     """
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightRenaming, rename_source_key
@@ -52,15 +52,26 @@ def check_shapes(
     mapping = get_model_conversion_mapping(skeleton)
     renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
     converters = [m for m in mapping if not isinstance(m, WeightRenaming)]
-    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-    for key, entry in entries.items():
+    expected = skeleton.state_dict()
+    names = {}
+    for key in entries:
         name, pattern = rename_source_key(key, renamings, converters, skeleton.base_model_prefix, expected)
         if name not in expected and key in expected:
             name, pattern = key, None
-        if pattern is None and name in expected and expected[name] != entry.shape:
+        if pattern is None and name in expected:
+            names[key] = name
+    return skeleton, names
+
+
+def check_shapes(skeleton: nn.Module, entries: dict[str, TensorEntry], names: dict[str, str]) -> None:
+    """Raise ValueError naming file and tensor for a checkpoint tensor whose shape differs from the model's."""
+    expected = skeleton.state_dict()
+    for key, name in names.items():
+        entry = entries[key]
+        if tuple(expected[name].shape) != entry.shape:
             raise ValueError(
                 f"{entry.file}: tensor {key!r} has shape {list(entry.shape)} but the model its config.json describes "
-                f"needs {list(expected[name])} for {name!r}"
+                f"needs {list(expected[name].shape)} for {name!r}"
             )
 
 
@@ -110,17 +121,35 @@ def from_pretrained(
         quantization_config = NF4Config(**nf4_options)
     model_class = model_class or _model_class(config)
     entries = checkpoint_entries(path)
+    to_quantize: set[str] = set()
+    names: dict[str, str] = {}
     if stored is None:
-        check_shapes(model_class, config, entries)
-    model, info = model_class.from_pretrained(
-        None,
-        config=config,
-        state_dict=lazy_state_dict(entries),
-        quantization_config=quantization_config,
-        dtype=dtype,
-        device_map=device_map,
-        output_loading_info=True,
-    )
+        skeleton, names = match_checkpoint(model_class, config, entries)
+        check_shapes(skeleton, entries, names)
+        targets = {t + ".weight" for t in NF4HfQuantizer(quantization_config, pre_quantized=False).targets(skeleton)}
+        to_quantize = {key for key, name in names.items() if name in targets}
+    errors: list[tuple[str, str]] = []
+    token = QUANTIZE_ERRORS.set(errors)
+    try:
+        model, info = model_class.from_pretrained(
+            None,
+            config=config,
+            state_dict=lazy_state_dict(entries, to_quantize),
+            quantization_config=quantization_config,
+            dtype=dtype,
+            device_map=device_map,
+            output_loading_info=True,
+        )
+    except RuntimeError as exc:
+        if not errors:
+            raise
+        # A quantize-op error (transformers reports it as a generic RuntimeError): name its file and tensor.
+        name, message = errors[0]
+        key = next((k for k, n in names.items() if n == name), name)
+        where = f"{entries[key].file}: tensor {key!r}" if key in entries else f"tensor {name!r}"
+        raise ValueError(f"{where} {message.removeprefix('weight ')}") from exc
+    finally:
+        QUANTIZE_ERRORS.reset(token)
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
         raise ValueError(f"{path}: the checkpoint lacks {len(missing)} tensor(s) the model needs: {missing[:8]}")
