@@ -11,6 +11,23 @@ from fastllm.nn import (
     save_merged,
 )
 
+# Loading needs transformers: imported on first use, so `import fastllm` stays light.
+_LAZY = {
+    "NF4Config": "fastllm.loading",
+    "from_pretrained": "fastllm.loading",
+    "save_pretrained": "fastllm.loading",
+    "memory_plan": "fastllm.loading.memory_plan",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fastllm' has no attribute {name!r}")
+
+
 __all__ = [
     "NF4Weight",
     "quantize",
@@ -22,4 +39,8 @@ __all__ = [
     "load_adapter",
     "merge_and_unload",
     "save_merged",
+    "NF4Config",
+    "from_pretrained",
+    "save_pretrained",
+    "memory_plan",
 ]

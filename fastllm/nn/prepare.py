@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from fastllm.nf4 import FLOAT_DTYPES, check_blocksize
 from fastllm.nn.bnb_convert import is_bnb_linear4bit, linear_nf4_from_bnb
+from fastllm.nn.linear_nf4 import LinearNF4
 from fastllm.nn.lora import LoraLinear, check_lora_args, is_conv1d
 
 # Path components of modules left dense and frozen by default: vision towers and multimodal projectors.
@@ -24,8 +25,8 @@ DEFAULT_SKIP_MODULES: tuple[str, ...] = (
 
 
 def _is_linear_like(module: nn.Module) -> bool:
-    # What prepare_qlora can replace: nn.Linear, transformers Conv1D, bitsandbytes Linear4bit.
-    return isinstance(module, nn.Linear) or is_conv1d(module) or is_bnb_linear4bit(module)
+    # What prepare_qlora can replace: nn.Linear, transformers Conv1D, bitsandbytes Linear4bit, LinearNF4.
+    return isinstance(module, (nn.Linear, LinearNF4)) or is_conv1d(module) or is_bnb_linear4bit(module)
 
 
 def _skipped(name: str, skip: set[str]) -> bool:
@@ -78,8 +79,8 @@ def prepare_qlora(
 ) -> nn.Module:
     """Replace the targeted linear layers of ``model`` by :class:`LoraLinear` over NF4, in place.
 
-    Targets: ``nn.Linear``, transformers ``Conv1D`` (GPT-2) and bitsandbytes ``Linear4bit`` (nf4; its
-    bytes are reused, not re-quantized).
+    Targets: ``nn.Linear``, transformers ``Conv1D`` (GPT-2), bitsandbytes ``Linear4bit`` (nf4) and
+    :class:`LinearNF4` (e.g. from :func:`fastllm.from_pretrained`); the last two keep their bytes, not re-quantized.
 
     Args:
         target_modules: "all-linear" (every linear except ``model.get_output_embeddings()``), a list
@@ -207,4 +208,9 @@ def _make_lora(
     if is_bnb_linear4bit(module):
         base = linear_nf4_from_bnb(module, compute_dtype)
         return LoraLinear(base, r, alpha, dropout, use_rslora)
+    if isinstance(module, LinearNF4):  # already NF4 (fastllm.from_pretrained): its tensors are wrapped, not requantized
+        conv1d = getattr(module, "fan_in_fan_out", False)
+        if compute_dtype is not None:  # a new layer over the same tensors; the model is untouched until the swap
+            module = LinearNF4(module.nf4_weight(), module.bias, compute_dtype)
+        return LoraLinear(module, r, alpha, dropout, use_rslora, fan_in_fan_out=conv1d)
     return LoraLinear.from_linear(module, r, alpha, dropout, use_rslora, True, blocksize, double_quant, compute_dtype)
