@@ -2,7 +2,9 @@
 
 Each provider runs forward + backward (to the input and the LoRA matrices; base weights frozen),
 as they come out of the box (fastllm keeps A/B in fp32 and multiplies in the compute dtype;
-PEFT computes the LoRA branch in fp32). Figure: tokens / s.
+PEFT computes the LoRA branch in fp32). Figure: tokens / s. fastllm's ``lora-layer`` rows also carry
+``rel_err``: the largest ||out - ref|| / ||ref|| over the output and the gradients of x, A and B of the
+layer (a copy with random B) against ``fastllm.reference.lora_linear`` in fp64, so a fast wrong kernel shows.
 
 - ``lora-layer``: one 4096 x 4096 linear, r=16, alpha=16, 512 bf16 tokens.
 - ``llama3-8b-block`` (CUDA): one Llama-3-8B decoder layer (hidden 4096, MLP 14336, 32 query /
@@ -14,10 +16,12 @@ PEFT computes the LoRA branch in fp32). Figure: tokens / s.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
-from benchmarks.harness import Case, Settings, Skip, randn, require, require_attr
+from benchmarks.harness import Case, Settings, Skip, randn, rel_err, require, require_attr
 
 PROVIDERS = ("fastllm", "peft+bnb", "peft-bf16")
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -99,12 +103,34 @@ def _train_step(model: nn.Module, x: torch.Tensor, forward=None):
     return step
 
 
+def lora_layer_rel_err(layer: nn.Module, x: torch.Tensor) -> float:
+    """A copy of fastllm's ``layer`` with random B against ``fastllm.reference.lora_linear`` (fp64, the dequantized
+    weight): the largest rel err over the output and the gradients of x, A and B."""
+    lora_linear = require_attr("fastllm.reference", "lora_linear")
+    layer = copy.deepcopy(layer)
+    with torch.no_grad():  # B starts at zero, which would leave the branch (and grad A) unchecked
+        layer.lora_B.copy_(randn(tuple(layer.lora_B.shape), torch.float32, x.device, seed=7, scale=0.02))
+    x = x.detach().clone().requires_grad_(True)
+    y = layer(x)
+    leaves = [t.detach().double().requires_grad_(True) for t in (x, layer.lora_A, layer.lora_B)]
+    ref = lora_linear(leaves[0], layer.base_layer.dequantize(torch.float32), None, *leaves[1:], layer.scaling)
+    grad = randn(tuple(y.shape), y.dtype, x.device, seed=8)
+    y.backward(grad)
+    ref.backward(grad.double())
+    ours = (y, x.grad, layer.lora_A.grad, layer.lora_B.grad)
+    return max(rel_err(o, r) for o, r in zip(ours, (ref, *(t.grad for t in leaves)), strict=True))
+
+
 def layer_setup(provider: str, tokens: int, n: int, k: int, r: int, device: torch.device):
     linear = nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
     with torch.no_grad():
         linear.weight.copy_(randn((n, k), torch.bfloat16, device, seed=n + k, scale=0.02))
     model = _adapt(_Holder(linear), provider, ("proj",), r)
-    return _train_step(model, randn((tokens, k), torch.bfloat16, device, seed=tokens))
+    x = randn((tokens, k), torch.bfloat16, device, seed=tokens)
+    step = _train_step(model, x)
+    if provider != "fastllm":
+        return step
+    return step, {"rel_err": lora_layer_rel_err(model.proj, x)}
 
 
 LLAMA3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8}
