@@ -33,6 +33,7 @@ def test_extension_loaded_unless_disabled_on_purpose():
     assert all(_backend.has_op(op, "cpu") for op in _backend.EXTENSION_OPS)
 
 
+@pytest.mark.gpu
 def test_cuda_kernels_built_where_cuda_exists():
     """On a CUDA machine with nvcc the extension carries its CUDA kernels, unless FASTLLM_NO_CUDA=1 asked not to."""
     if not torch.cuda.is_available():
