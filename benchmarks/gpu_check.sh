@@ -123,7 +123,7 @@ PYTEST=(python3 -P -m pytest tests -p no:cacheprovider -v -rfEs --continue-on-co
 if python3 -c "import xdist" 2>/dev/null; then
     PYTEST+=(-n 4)
 fi
-stage tests-gpu 150 -- env FASTLLM_AUTOTUNE=0 "${PYTEST[@]}" -m gpu --junitxml="$OUT/tests-gpu.xml"
+stage tests-gpu 180 -- env FASTLLM_AUTOTUNE=0 "${PYTEST[@]}" -m gpu --junitxml="$OUT/tests-gpu.xml"
 
 if command -v compute-sanitizer >/dev/null || [[ -x /usr/local/cuda/bin/compute-sanitizer ]]; then
     SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
