@@ -21,6 +21,7 @@ import json
 from dataclasses import dataclass, field
 
 import pytest
+import triton
 from _triton_compile import SM90_SHARED_LIMIT, KernelSpec, compile_for_gpu, python_without_interpreter
 
 from fastllm.kernels import attention_bwd, attention_fwd
@@ -183,14 +184,40 @@ def _unique_specs(entries: list[Entry]) -> list[KernelSpec]:
 
 SPECS = _unique_specs(KERNELS)
 
+# Configs that spill registers with triton 3.9's ptxas (found by this test; the kernels are not this file's to
+# change): the kernels' owners retune or drop them. Strict: an entry that stops spilling fails until removed here.
+# Other Triton versions (the GPU machines run 3.6, another ptxas) are held to no spill at all.
+SPILLS_WITH_TRITON_39 = {
+    "attention_fwd_kernel-every-tile-bf16-d256-every-mask[m64-n64-w8-s3]": "48 B spill stores (the D=256 default)",
+    "attention_fwd_kernel-every-tile-bf16-d256-every-mask[m32-n64-w4-s2]": "140 B spill stores",
+    "attention_fwd_kernel-every-tile-fp32-d128-every-mask[m16-n32-w8-s2]": "8 B spill stores",
+    "attention_dq_kernel-every-tile-bf16-d256-every-mask[m32-n128-w8-s2]": "4 B spill stores",
+    "nf4-small_m-bf16[m16-n128-k64-split_k1-w4-s4]": "116 B spill stores",
+    "nf4-backward-bf16[m64-n128-k64-split_k1-w4-s4]": "100 B spill stores",
+    "nf4-large_m-fp32[m64-n32-k32-split_k1-w4-s2]": "68 B spill stores",
+}
+_TRITON_39 = triton.__version__.startswith("3.9")
+
+
+def _param(name: str):
+    if name not in SPILLS_WITH_TRITON_39:
+        return name
+    reason = f"spills with triton 3.9's ptxas: {SPILLS_WITH_TRITON_39[name]}"
+    return pytest.param(name, marks=pytest.mark.xfail(_TRITON_39, reason=reason, strict=True))
+
 
 @pytest.fixture(scope="module")
-def compiled():
-    """All specs compiled in one subprocess (one Python + Triton start-up for the whole file)."""
-    return compile_for_gpu(SPECS)
+def compiled(request):
+    """The specs of the selected tests, compiled in one subprocess (one Python + Triton start-up for the file)."""
+    wanted = {
+        item.callspec.params["name"]
+        for item in request.session.items
+        if item.originalname == "test_kernel_compiles_for_sm90_without_spills"
+    }
+    return compile_for_gpu([spec for spec in SPECS if spec.name in wanted])
 
 
-@pytest.mark.parametrize("name", [spec.name for spec in SPECS])
+@pytest.mark.parametrize("name", [_param(spec.name) for spec in SPECS])
 def test_kernel_compiles_for_sm90_without_spills(compiled, name):
     result = compiled[name]
     assert result.error is None, f"{name} does not compile for sm_90:\n{result.error}"
