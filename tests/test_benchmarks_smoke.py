@@ -156,7 +156,9 @@ def _check_markdown_and_plots(out: Path, stdout: str) -> None:
 
 
 if __name__ == "__main__":
-    found = fastllm_problems([r for path in sorted(Path(sys.argv[1]).glob("*.json")) if path.name != "run.json"
-                              for r in json.loads(path.read_text())])  # fmt: skip
-    print("\n".join(found) or "fastllm rows: no error, every rel_err under its tolerance")
+    results = [path for path in sorted(Path(sys.argv[1]).glob("*.json")) if path.name != "run.json"]
+    found = fastllm_problems([r for path in results for r in json.loads(path.read_text())])
+    if not results:
+        found = [f"no <suite>.json results in {sys.argv[1]}"]
+    print("\n".join(found) or f"fastllm rows of {len(results)} suites: no error, every rel_err under its tolerance")
     sys.exit(1 if found else 0)
