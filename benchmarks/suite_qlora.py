@@ -5,6 +5,9 @@ as they come out of the box (fastllm keeps A/B in fp32 and multiplies in the com
 PEFT computes the LoRA branch in fp32). Figure: tokens / s. fastllm's ``lora-layer`` rows also carry
 ``rel_err``: the largest ||out - ref|| / ||ref|| over the output and the gradients of x, A and B of the
 layer (a copy with random B) against ``fastllm.reference.lora_linear`` in fp64, so a fast wrong kernel shows.
+Its ``llama3-8b-block`` rows carry ``rel_err`` of the block output and ``lora_grad_rel_err`` of all LoRA
+gradients as one vector, against PEFT over the same block in fp32 (SDPA) holding fastllm's dequantized weights
+and its A, B (B random).
 
 - ``lora-layer``: one 4096 x 4096 linear, r=16, alpha=16, 512 bf16 tokens.
 - ``llama3-8b-block`` (CUDA): one Llama-3-8B decoder layer (hidden 4096, MLP 14336, 32 query /
@@ -151,9 +154,49 @@ def block_setup(provider: str, tokens: int, device: torch.device, dims: dict[str
     )
     with torch.device(device):
         model = transformers.LlamaModel(config).to(torch.bfloat16)
+    dense = copy.deepcopy(model) if provider == "fastllm" else None  # the reference's starting point
     model = _adapt(model, provider, LLAMA_TARGETS, 16)
     x = randn((1, tokens, dims["hidden_size"]), torch.bfloat16, device, seed=tokens)
-    return _train_step(model, x, lambda m, e: m(inputs_embeds=e, use_cache=False).last_hidden_state)
+    step = _train_step(model, x, lambda m, e: m(inputs_embeds=e, use_cache=False).last_hidden_state)
+    if dense is None:
+        return step
+    return step, block_rel_err(model, dense, x)
+
+
+def block_rel_err(model: nn.Module, dense: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """fastllm's prepared block ``model`` (its B set random here) against PEFT over ``dense`` (the block before
+    ``prepare_qlora``) in fp32 with SDPA, each targeted weight replaced by fastllm's dequantized NF4 weight and the
+    same A, B: ``rel_err`` of the block output and ``lora_grad_rel_err`` of all LoRA gradients as one vector."""
+    lora_linear = require_attr("fastllm", "LoraLinear")
+    ours = {name: m for name, m in model.named_modules() if isinstance(m, lora_linear)}
+    with torch.no_grad():
+        for i, layer in enumerate(ours.values()):
+            layer.lora_B.copy_(randn(tuple(layer.lora_B.shape), torch.float32, x.device, seed=100 + i, scale=0.02))
+        ref = dense.float()
+        for name, layer in ours.items():
+            ref.get_submodule(name).weight.copy_(layer.base_layer.dequantize(torch.float32))
+    ref.config._attn_implementation = "sdpa"
+    ref = _peft(ref, LLAMA_TARGETS, 16)
+    theirs = {name.removeprefix("base_model.model."): m for name, m in ref.named_modules() if hasattr(m, "lora_A")}
+    with torch.no_grad():
+        for name, layer in ours.items():
+            theirs[name].lora_A["default"].weight.copy_(layer.lora_A)
+            theirs[name].lora_B["default"].weight.copy_(layer.lora_B)
+    grad = randn(tuple(x.shape), torch.float32, x.device, seed=9)
+    outs = []
+    for net, inputs in ((model, x.detach()), (ref, x.detach().float())):
+        out = net(inputs_embeds=inputs, use_cache=False).last_hidden_state
+        out.backward(grad.to(out.dtype))
+        outs.append(out.detach())
+
+    def lora_grads(pairs) -> torch.Tensor:
+        return torch.cat([g.flatten() for a, b in pairs for g in (a.grad, b.grad)])
+
+    mine = lora_grads((m.lora_A, m.lora_B) for m in ours.values())
+    want = lora_grads((theirs[n].lora_A["default"].weight, theirs[n].lora_B["default"].weight) for n in ours)
+    for layer in ours.values():
+        layer.lora_A.grad = layer.lora_B.grad = None
+    return {"rel_err": rel_err(outs[0], outs[1]), "lora_grad_rel_err": rel_err(mine, want)}
 
 
 def cases(settings: Settings) -> list[Case]:
