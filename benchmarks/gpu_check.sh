@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared run on a lent GPU machine: build, GPU tests first, memcheck, benchmarks; everything lands in OUT_DIR.
+# One prepared run on a lent GPU machine: build, GPU tests first, benchmarks, memcheck; everything lands in OUT_DIR.
 #
 #   benchmarks/gpu_check.sh OUT_DIR
 #
@@ -10,11 +10,11 @@
 #   env          nvidia-smi, python -m fastllm.env, library versions
 #   tests-gpu    pytest -m gpu: every test that runs on CUDA (the cuda half of the `device` fixture and the
 #                CUDA-only files, e.g. tests/test_csrc_cuda.py), before anything else; FASTLLM_AUTOTUNE=0
-#   sanitizer    compute-sanitizer --tool memcheck over one small launch of each kernel
-#                (benchmarks/sanitizer_cases.py); skipped, with a line in the summary, where the tool is absent
 #   bandwidth    1 GiB device-to-device copy, the reference for the %-of-bandwidth figures
 #   bench-quick  python -m benchmarks --quick -> OUT_DIR/results-quick (the headline numbers)
 #   bench-check  no fastllm row of the quick results in error, every fastllm rel_err under its dtype's tolerance
+#   sanitizer    compute-sanitizer --tool memcheck over one small launch of each kernel
+#                (benchmarks/sanitizer_cases.py); skipped, with a line in the summary, where the tool is absent
 #   tests-cpu    pytest -m "not gpu": the rest of the suite (this machine's CPU paths), in the time left
 #   bench-full   full benchmarks -> OUT_DIR/results, in the time left
 # The last two are open-ended: their time limit cutting them is expected and is not a failure (a cut bench-full
@@ -125,14 +125,6 @@ if python3 -c "import xdist" 2>/dev/null; then
 fi
 stage tests-gpu 180 -- env FASTLLM_AUTOTUNE=0 "${PYTEST[@]}" -m gpu --junitxml="$OUT/tests-gpu.xml"
 
-if command -v compute-sanitizer >/dev/null || [[ -x /usr/local/cuda/bin/compute-sanitizer ]]; then
-    SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-    stage sanitizer 90 -- env FASTLLM_AUTOTUNE=0 PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 1 --print-limit 20 \
-        python3 -P benchmarks/sanitizer_cases.py
-else
-    echo "sanitizer: not run (compute-sanitizer not found on PATH or in /usr/local/cuda/bin)" | tee -a "$OUT/summary.txt"
-fi
-
 stage bandwidth 30 -- python3 -c "
 import torch
 from benchmarks.environment import copy_bandwidth_gbps
@@ -154,6 +146,13 @@ done
 stage bench-quick 170 -- python3 -m benchmarks --quick --device cuda --suite "${SUITES[@]}" --out "$OUT/results-quick"
 # A fastllm row in error, or a fastllm correctness figure (rel_err) over its dtype's tolerance, fails this stage.
 stage bench-check 20 -- python3 tests/test_benchmarks_smoke.py "$OUT/results-quick"
+if command -v compute-sanitizer >/dev/null || [[ -x /usr/local/cuda/bin/compute-sanitizer ]]; then
+    SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+    stage sanitizer 90 -- env FASTLLM_AUTOTUNE=0 PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 1 --print-limit 20 \
+        python3 -P benchmarks/sanitizer_cases.py
+else
+    echo "sanitizer: not run (compute-sanitizer not found on PATH or in /usr/local/cuda/bin)" | tee -a "$OUT/summary.txt"
+fi
 stage tests-cpu 150 open -- "${PYTEST[@]}" -m "not gpu" --junitxml="$OUT/tests-cpu.xml"
 stage bench-full 600 open -- python3 -m benchmarks --device cuda --suite "${SUITES[@]}" --out "$OUT/results"
 
