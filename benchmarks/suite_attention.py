@@ -6,6 +6,10 @@ forward+backward = 3.5 x forward (the backward does 5 matmuls to the forward's 2
 S^2 without a mask, S(S+1)/2 causal, sum_i min(i+1, w) for a causal window of w keys,
 S * valid_keys per sequence with a key padding mask.
 
+fastllm rows also carry ``rel_err``: the largest ||out - ref|| / ||ref|| over the output (and, for
+fwd+bwd, dq, dk, dv) against ``fastllm.reference.attention`` computed in fp32 on the same inputs, so a
+fast wrong kernel shows.
+
 On CPU the suite is skipped: fastllm's CPU attention is the Triton interpreter / the
 reference, whose timing says nothing about the kernel.
 """
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Case, Settings, Skip, randn, require, require_attr
+from benchmarks.harness import Case, Settings, Skip, randn, rel_err, require, require_attr
 
 PROVIDERS = ("fastllm", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex", "flash-attn")
 CPU_REASON = "attention timing needs CUDA (the CPU path is the interpreter/reference)"
@@ -87,14 +91,37 @@ def _inputs(p: Problem, device: torch.device, layout_bshd: bool = False):
     return make(p.heads, 1), make(p.kv_heads, 2), make(p.kv_heads, 3)
 
 
-def _fastllm(p: Problem, device: torch.device):
-    attention = require_attr("fastllm.kernels.attention", "attention")
-    q, k, v = _inputs(p, device)
+def _fastllm_options(p: Problem, device: torch.device) -> dict:
+    """fastllm's (and the reference's) keyword arguments for problem ``p``."""
     mask = torch.arange(p.seq, device=device)[None, :] < p.lengths(device)[:, None] if p.padding else None
     window = (p.window - 1, 0) if p.window else None
-    return (q, k, v), lambda q, k, v: attention(
-        q, k, v, causal=p.causal, key_padding_mask=mask, window=window, softcap=p.softcap or None
-    )
+    return dict(causal=p.causal, key_padding_mask=mask, window=window, softcap=p.softcap or None)
+
+
+def _fastllm(p: Problem, device: torch.device):
+    attention = require_attr("fastllm.kernels.attention", "attention")
+    options = _fastllm_options(p, device)
+    return _inputs(p, device), lambda q, k, v: attention(q, k, v, **options)
+
+
+def _fastllm_rel_err(p: Problem, op: str, fn, q, k, v, grad) -> float:
+    """fastllm against ``fastllm.reference.attention`` in fp32 on the same inputs: the largest rel err over the
+    output and, for fwd+bwd, the gradients of q, k and v."""
+    reference_attention = require_attr("fastllm.reference", "attention")
+    backward = op == "fwd+bwd"
+    ours = [t.detach().clone().requires_grad_(backward) for t in (q, k, v)]
+    theirs = [t.detach().float().requires_grad_(backward) for t in (q, k, v)]
+    out = fn(*ours)
+    ref, _ = reference_attention(*theirs, **_fastllm_options(p, q.device), dtype=torch.float32)
+    pairs = [(out, ref)]
+    if backward:
+        out.backward(grad)
+        ref.backward(grad.float())
+        pairs += [(a.grad, b.grad) for a, b in zip(ours, theirs, strict=True)]
+    err = max(rel_err(a, b) for a, b in pairs)
+    del ours, theirs, out, ref, pairs
+    torch.cuda.empty_cache()
+    return err
 
 
 def _sdpa(p: Problem, device: torch.device, backend_name: str):
@@ -190,6 +217,8 @@ def _setup(p: Problem, op: str, provider: str, device: torch.device):
         if provider.startswith("sdpa-") and ("No available kernel" in str(exc) or "No viable backend" in str(exc)):
             raise Skip(f"{provider} does not support this case") from exc
         raise
+    if provider == "fastllm":
+        return call, {"rel_err": _fastllm_rel_err(p, op, fn, q, k, v, grad)}
     return call
 
 

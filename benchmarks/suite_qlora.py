@@ -2,7 +2,12 @@
 
 Each provider runs forward + backward (to the input and the LoRA matrices; base weights frozen),
 as they come out of the box (fastllm keeps A/B in fp32 and multiplies in the compute dtype;
-PEFT computes the LoRA branch in fp32). Figure: tokens / s.
+PEFT computes the LoRA branch in fp32). Figure: tokens / s. fastllm's ``lora-layer`` rows also carry
+``rel_err``: the largest ||out - ref|| / ||ref|| over the output and the gradients of x, A and B of the
+layer (a copy with random B) against ``fastllm.reference.lora_linear`` in fp64, so a fast wrong kernel shows.
+Its ``llama3-8b-block`` rows carry ``rel_err`` of the block output and ``lora_grad_rel_err`` of all LoRA
+gradients as one vector, against PEFT over the same block in fp32 (SDPA) holding fastllm's dequantized weights
+and its A, B (B random).
 
 - ``lora-layer``: one 4096 x 4096 linear, r=16, alpha=16, 512 bf16 tokens.
 - ``llama3-8b-block`` (CUDA): one Llama-3-8B decoder layer (hidden 4096, MLP 14336, 32 query /
@@ -14,10 +19,12 @@ PEFT computes the LoRA branch in fp32). Figure: tokens / s.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
-from benchmarks.harness import Case, Settings, Skip, randn, require, require_attr
+from benchmarks.harness import Case, Settings, Skip, randn, rel_err, require, require_attr
 
 PROVIDERS = ("fastllm", "peft+bnb", "peft-bf16")
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -99,20 +106,39 @@ def _train_step(model: nn.Module, x: torch.Tensor, forward=None):
     return step
 
 
+def lora_layer_rel_err(layer: nn.Module, x: torch.Tensor) -> float:
+    """A copy of fastllm's ``layer`` with random B against ``fastllm.reference.lora_linear`` (fp64, the dequantized
+    weight): the largest rel err over the output and the gradients of x, A and B."""
+    lora_linear = require_attr("fastllm.reference", "lora_linear")
+    layer = copy.deepcopy(layer)
+    with torch.no_grad():  # B starts at zero, which would leave the branch (and grad A) unchecked
+        layer.lora_B.copy_(randn(tuple(layer.lora_B.shape), torch.float32, x.device, seed=7, scale=0.02))
+    x = x.detach().clone().requires_grad_(True)
+    y = layer(x)
+    leaves = [t.detach().double().requires_grad_(True) for t in (x, layer.lora_A, layer.lora_B)]
+    ref = lora_linear(leaves[0], layer.base_layer.dequantize(torch.float32), None, *leaves[1:], layer.scaling)
+    grad = randn(tuple(y.shape), y.dtype, x.device, seed=8)
+    y.backward(grad)
+    ref.backward(grad.double())
+    ours = (y, x.grad, layer.lora_A.grad, layer.lora_B.grad)
+    return max(rel_err(o, r) for o, r in zip(ours, (ref, *(t.grad for t in leaves)), strict=True))
+
+
 def layer_setup(provider: str, tokens: int, n: int, k: int, r: int, device: torch.device):
     linear = nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
     with torch.no_grad():
         linear.weight.copy_(randn((n, k), torch.bfloat16, device, seed=n + k, scale=0.02))
     model = _adapt(_Holder(linear), provider, ("proj",), r)
-    step = _train_step(model, randn((tokens, k), torch.bfloat16, device, seed=tokens))
+    x = randn((tokens, k), torch.bfloat16, device, seed=tokens)
+    step = _train_step(model, x)
     if provider != "fastllm":
         return step
     # fastllm's first step times its two large-M NF4 paths (fastllm.ops.gemm_choice) and keeps the faster: run it
-    # here, outside the timed calls, and note the choice and what it measured.
+    # here, outside the timed calls, and note the choice and what it measured beside the correctness figure.
     step()
     choice = require("fastllm.ops.gemm_choice")
     chooser = choice.GPU_GEMM if device.type == "cuda" else choice.CPU_GEMM
-    notes = {}
+    notes = {"rel_err": lora_layer_rel_err(model.proj, x)}
     for key, timing in chooser.timings.items():
         if key[2:4] == (n, k):
             direction = key[0]
@@ -139,9 +165,49 @@ def block_setup(provider: str, tokens: int, device: torch.device, dims: dict[str
     )
     with torch.device(device):
         model = transformers.LlamaModel(config).to(torch.bfloat16)
+    dense = copy.deepcopy(model) if provider == "fastllm" else None  # the reference's starting point
     model = _adapt(model, provider, LLAMA_TARGETS, 16)
     x = randn((1, tokens, dims["hidden_size"]), torch.bfloat16, device, seed=tokens)
-    return _train_step(model, x, lambda m, e: m(inputs_embeds=e, use_cache=False).last_hidden_state)
+    step = _train_step(model, x, lambda m, e: m(inputs_embeds=e, use_cache=False).last_hidden_state)
+    if dense is None:
+        return step
+    return step, block_rel_err(model, dense, x)
+
+
+def block_rel_err(model: nn.Module, dense: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """fastllm's prepared block ``model`` (its B set random here) against PEFT over ``dense`` (the block before
+    ``prepare_qlora``) in fp32 with SDPA, each targeted weight replaced by fastllm's dequantized NF4 weight and the
+    same A, B: ``rel_err`` of the block output and ``lora_grad_rel_err`` of all LoRA gradients as one vector."""
+    lora_linear = require_attr("fastllm", "LoraLinear")
+    ours = {name: m for name, m in model.named_modules() if isinstance(m, lora_linear)}
+    with torch.no_grad():
+        for i, layer in enumerate(ours.values()):
+            layer.lora_B.copy_(randn(tuple(layer.lora_B.shape), torch.float32, x.device, seed=100 + i, scale=0.02))
+        ref = dense.float()
+        for name, layer in ours.items():
+            ref.get_submodule(name).weight.copy_(layer.base_layer.dequantize(torch.float32))
+    ref.config._attn_implementation = "sdpa"
+    ref = _peft(ref, LLAMA_TARGETS, 16)
+    theirs = {name.removeprefix("base_model.model."): m for name, m in ref.named_modules() if hasattr(m, "lora_A")}
+    with torch.no_grad():
+        for name, layer in ours.items():
+            theirs[name].lora_A["default"].weight.copy_(layer.lora_A)
+            theirs[name].lora_B["default"].weight.copy_(layer.lora_B)
+    grad = randn(tuple(x.shape), torch.float32, x.device, seed=9)
+    outs = []
+    for net, inputs in ((model, x.detach()), (ref, x.detach().float())):
+        out = net(inputs_embeds=inputs, use_cache=False).last_hidden_state
+        out.backward(grad.to(out.dtype))
+        outs.append(out.detach())
+
+    def lora_grads(pairs) -> torch.Tensor:
+        return torch.cat([g.flatten() for a, b in pairs for g in (a.grad, b.grad)])
+
+    mine = lora_grads((m.lora_A, m.lora_B) for m in ours.values())
+    want = lora_grads((theirs[n].lora_A["default"].weight, theirs[n].lora_B["default"].weight) for n in ours)
+    for layer in ours.values():
+        layer.lora_A.grad = layer.lora_B.grad = None
+    return {"rel_err": rel_err(outs[0], outs[1]), "lora_grad_rel_err": rel_err(mine, want)}
 
 
 def cases(settings: Settings) -> list[Case]:

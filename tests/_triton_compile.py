@@ -4,16 +4,24 @@ The test process runs kernels in the interpreter (``tests/conftest.py``), where 
 interpreted functions the GPU compiler cannot take. So :func:`compile_for_gpu` hands a list of
 :class:`KernelSpec` to a fresh Python process without ``TRITON_INTERPRET`` (this file run as a script),
 which compiles each kernel through TTIR -> TTGIR -> LLVM IR -> PTX -> cubin (Triton's bundled ptxas)
-for the target and reports, per spec, the compiler's error or the shared memory the kernel needs.
-That catches what the interpreter never checks: type rules of the code generator, layouts, register
-allocation, shared-memory use.
+for the target and reports, per spec, the compiler's error, or the shared memory the kernel needs and
+ptxas' own report of that compile (registers, spill stores / loads; ``ptxas -v``, which Triton prints with
+TRITON_DUMP_PTXAS_LOG=1). That catches what the interpreter never checks: type rules of the code
+generator, layouts, register allocation and spills, shared-memory use.
+
+The subprocess compiles into a fresh Triton cache, so ptxas runs (and reports) for every spec; one ptxas
+per kernel, as Triton runs it (the kernels' PTX cannot share one ptxas input: entry names and debug file
+indices collide).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -46,10 +54,23 @@ class KernelSpec:
 
 @dataclass
 class CompileResult:
-    """``error`` is None when the kernel compiled to a cubin; ``shared`` is its shared memory in bytes."""
+    """``error`` is None when the kernel compiled to a cubin; then ``shared`` is its shared memory in bytes and
+    ``registers``, ``spill_stores`` and ``spill_loads`` (bytes) come from ptxas' report of that compile."""
 
     error: str | None
     shared: int = 0
+    registers: int = 0
+    spill_stores: int = 0
+    spill_loads: int = 0
+
+
+def parse_ptxas_report(text: str) -> dict[str, int] | None:
+    """registers / spill_stores / spill_loads of the (one) entry function in a ``ptxas -v`` log, or None."""
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    registers = re.search(r"Used (\d+) registers", text)
+    if spills is None or registers is None:
+        return None
+    return {"registers": int(registers[1]), "spill_stores": int(spills[1]), "spill_loads": int(spills[2])}
 
 
 def python_without_interpreter(
@@ -70,7 +91,8 @@ def compile_for_gpu(specs: list[KernelSpec], capability: int = 90) -> dict[str, 
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "results.json")
         request = json.dumps({"capability": capability, "specs": [dataclasses.asdict(s) for s in specs]})
-        proc = python_without_interpreter([__file__, out_path], stdin=request)
+        env = {"TRITON_DUMP_PTXAS_LOG": "1", "TRITON_CACHE_DIR": os.path.join(tmp, "triton-cache")}
+        proc = python_without_interpreter([__file__, out_path], stdin=request, env=env, timeout=1800)
         if proc.returncode != 0 or not os.path.exists(out_path):
             raise RuntimeError(f"compile subprocess failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
         with open(out_path) as f:
@@ -109,9 +131,14 @@ def _main(out_path: str) -> None:
     results = {}
     for raw in request["specs"]:
         spec = KernelSpec(**raw)
+        log = io.StringIO()
         try:
-            kernel = compile_spec(spec, request["capability"])
-            results[spec.name] = {"error": None, "shared": int(kernel.metadata.shared)}
+            with contextlib.redirect_stdout(log):  # where Triton prints ptxas' report
+                kernel = compile_spec(spec, request["capability"])
+            report = parse_ptxas_report(log.getvalue())
+            if report is None:
+                raise RuntimeError(f"no ptxas report in Triton's output (TRITON_DUMP_PTXAS_LOG):\n{log.getvalue()}")
+            results[spec.name] = {"error": None, "shared": int(kernel.metadata.shared), **report}
         except Exception as exc:  # report every failing kernel, not only the first
             cause = exc.__cause__ or exc
             text = "".join(traceback.format_exception_only(type(cause), cause))

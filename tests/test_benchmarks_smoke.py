@@ -3,7 +3,11 @@
 Runs the real command in a subprocess (the runner unsets TRITON_INTERPRET, which conftest sets
 for the rest of the tests) with tiny shapes in a temp dir, then checks what it wrote: the JSON
 schema of every record, finite ratios on measured rows, reasons and no numbers on skipped rows,
-the markdown table and one PNG per suite.
+no fastllm row in error and every fastllm correctness figure (``extra.rel_err``) under its dtype's
+tolerance, the markdown table and one PNG per suite.
+
+``python tests/test_benchmarks_smoke.py RESULTS_DIR`` applies the fastllm checks to any results folder
+(benchmarks/gpu_check.sh runs it on the GPU's quick results) and exits 1 listing what failed.
 """
 
 from __future__ import annotations
@@ -17,6 +21,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SUITES = ("quantize", "nf4_matmul", "attention", "qlora")
+# What a fastllm row's rel_err (against fastllm.reference in fp32/fp64) may reach, by the row's dtype.
+REL_ERR_TOL = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 2e-2}
+# (suite, case prefix) of the fastllm rows that must carry a correctness figure when measured.
+CHECKED_CASES = (("nf4_matmul", ""), ("qlora", ""), ("attention", ""))
 REQUIRED = {
     "suite": str,
     "case": str,
@@ -40,6 +48,7 @@ def test_tiny_run_writes_valid_results(tmp_path: Path) -> None:
     _check_schema(rows)
     _check_measured(rows)
     _check_skipped(rows)
+    assert fastllm_problems(rows) == []
     _check_markdown_and_plots(out, stdout)
 
 
@@ -104,6 +113,26 @@ def _check_measured(rows: list[dict]) -> None:
     assert fastllm_fwd and all("dense" in r["ratios"] for r in fastllm_fwd)
 
 
+def fastllm_problems(rows: list[dict]) -> list[str]:
+    """What is wrong with the fastllm rows: an error (fastllm raised), a checked case measured without its
+    ``rel_err``, or a ``rel_err`` over the tolerance of the row's dtype. Empty when all is well."""
+    problems = []
+    for r in rows:
+        if not r["provider"].startswith("fastllm"):
+            continue
+        where = f"{r['suite']}/{r['case']}/{r['provider']} {r['shape']} {r['dtype']}"
+        if r["status"] == "error":
+            problems.append(f"{where}: error: {r['reason']}")
+            continue
+        err = r["extra"].get("rel_err")
+        checked = any(r["suite"] == suite and r["case"].startswith(case) for suite, case in CHECKED_CASES)
+        if r["status"] == "ok" and checked and err is None:
+            problems.append(f"{where}: measured without a rel_err")
+        elif err is not None and not (isinstance(err, float) and err < REL_ERR_TOL[r["dtype"]]):
+            problems.append(f"{where}: rel_err {err} >= {REL_ERR_TOL[r['dtype']]}")
+    return problems
+
+
 def _check_skipped(rows: list[dict]) -> None:
     skipped = [r for r in rows if r["status"] != "ok"]
     assert any(r["suite"] == "attention" and "needs CUDA" in r["reason"] for r in skipped)
@@ -124,3 +153,12 @@ def _check_markdown_and_plots(out: Path, stdout: str) -> None:
     assert "needs CUDA" in table
     run_facts = json.loads((out / "run.json").read_text())
     assert run_facts["mode"] == "tiny" and run_facts["copy_bandwidth_GBps"] > 0
+
+
+if __name__ == "__main__":
+    results = [path for path in sorted(Path(sys.argv[1]).glob("*.json")) if path.name != "run.json"]
+    found = fastllm_problems([r for path in results for r in json.loads(path.read_text())])
+    if not results:
+        found = [f"no <suite>.json results in {sys.argv[1]}"]
+    print("\n".join(found) or f"fastllm rows of {len(results)} suites: no error, every rel_err under its tolerance")
+    sys.exit(1 if found else 0)

@@ -1,4 +1,5 @@
-"""The C++/CUDA extension fastllm._C: tables, ops against fastllm.reference, bad input, CUDA compile."""
+"""The C++/CUDA extension fastllm._C: that it loaded (and built its CUDA kernels where CUDA exists), tables, ops
+against fastllm.reference, bad input, CUDA compile. The CUDA kernels' numerics: tests/test_csrc_cuda.py."""
 
 from __future__ import annotations
 
@@ -14,13 +15,41 @@ from _metrics import rel_err
 from fastllm import _backend, reference
 from fastllm.codebook import NF4_CODE, dynamic_map
 
-pytestmark = pytest.mark.skipif(not _backend.extension_loaded(), reason=f"{_backend.extension_error()}")
+# Every test but the first two needs the extension; the first fails when it did not load without being told not to.
+needs_extension = pytest.mark.skipif(not _backend.extension_loaded(), reason=f"{_backend.extension_error()}")
 
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ops = torch.ops.fastllm
 
 
+def test_extension_loaded_unless_disabled_on_purpose():
+    """A broken build must not pass as a row of skips: fastllm._C loads unless FASTLLM_DISABLE_EXT=1 asks not to."""
+    if os.environ.get("FASTLLM_DISABLE_EXT") == "1":
+        assert not _backend.extension_loaded()
+        assert "FASTLLM_DISABLE_EXT" in _backend.extension_error()
+        return
+    assert _backend.extension_loaded(), f"fastllm._C did not load: {_backend.extension_error()}"
+    assert all(_backend.has_op(op, "cpu") for op in _backend.EXTENSION_OPS)
+
+
+@pytest.mark.gpu
+def test_cuda_kernels_built_where_cuda_exists():
+    """On a CUDA machine with nvcc the extension carries its CUDA kernels, unless FASTLLM_NO_CUDA=1 asked not to."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the CUDA kernels have nothing to run on")
+    if os.environ.get("FASTLLM_DISABLE_EXT") == "1" or os.environ.get("FASTLLM_NO_CUDA") == "1":
+        pytest.skip("FASTLLM_DISABLE_EXT=1 or FASTLLM_NO_CUDA=1: built without CUDA kernels on purpose")
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if shutil.which("nvcc") is None and not (CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))):
+        pytest.skip("no nvcc on this machine: the CUDA kernels cannot be built here")
+    assert _backend.extension_loaded(), f"fastllm._C did not load: {_backend.extension_error()}"
+    assert _backend.cuda_built(), "fastllm._C was built without its CUDA kernels although CUDA and nvcc exist"
+    assert all(_backend.has_op(op, "cuda") for op in _backend.EXTENSION_OPS)
+
+
+@needs_extension
 def test_cpp_code_table_equals_python_table():
     from fastllm import _C
 
@@ -31,6 +60,7 @@ def test_cpp_code_table_equals_python_table():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("shape", "blocksize"), [((37, 129), 32), ((5, 301), 128), ((3, 1001), 4096), ((1,), 64)])
+@needs_extension
 def test_ops_match_reference_bit_for_bit(dtype, shape, blocksize):
     w = torch.randn(shape, dtype=torch.float32).mul_(3).to(dtype)
     w.view(-1)[: min(blocksize, w.numel())] = 0  # an all-zero block
@@ -52,6 +82,7 @@ def test_ops_match_reference_bit_for_bit(dtype, shape, blocksize):
             assert got.dtype == out_dtype and torch.equal(got, want.reshape(-1))
 
 
+@needs_extension
 def test_quantize_ties_and_tiny_values_match_reference():
     # Values exactly on the code midpoints (block absmax 1, so the scale is exact) go to the
     # lower code; subnormal and tiny blocks exercise the 1e-38 clamp of the scale.
@@ -73,6 +104,7 @@ LARGE_NUMEL = (16 << 20) + 1037
 HUGE_PAGE = 2 << 20
 
 
+@needs_extension
 def test_large_dequantize_output_matches_reference_and_is_a_normal_tensor():
     w = torch.randn(LARGE_NUMEL)
     packed, absmax, nested, offset = ops.quantize_nf4(w, 64, True, dynamic_map())
@@ -89,6 +121,7 @@ def test_large_dequantize_output_matches_reference_and_is_a_normal_tensor():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the resident set size from /proc/self/statm")
+@needs_extension
 def test_large_dequantize_output_memory_is_released():
     def rss_bytes() -> int:
         with open("/proc/self/statm") as f:
@@ -108,6 +141,7 @@ def test_large_dequantize_output_memory_is_released():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("m", "n", "k", "blocksize"), [(1, 37, 192, 64), (3, 101, 160, 32), (17, 9, 256, 128)])
+@needs_extension
 def test_gemv_matches_reference_linear(dtype, m, n, k, blocksize):
     w = torch.randn(n, k)
     parts = reference.quantize_nf4(w, blocksize, True)
@@ -121,6 +155,7 @@ def test_gemv_matches_reference_linear(dtype, m, n, k, blocksize):
     assert rel_err(y, reference.linear(x, dense)) < bound
 
 
+@needs_extension
 def test_gemv_every_m_and_non_contiguous_x():
     n, k, blocksize = 24, 128, 64
     parts = reference.quantize_nf4(torch.randn(n, k), blocksize, False)
@@ -133,6 +168,7 @@ def test_gemv_every_m_and_non_contiguous_x():
             assert rel_err(y, reference.linear(x, dense)) < 1e-5
 
 
+@needs_extension
 def test_op_fake_kernels_pass_opcheck():
     # Schema, fake (meta) kernels and AOT tracing: what torch.compile relies on.
     w = torch.randn(40, 128)
@@ -198,11 +234,13 @@ def _valid_gemv_args():
         ),
     ],
 )
+@needs_extension
 def test_bad_input_raises_naming_the_argument(call, error, match):
     with pytest.raises(error, match=match):
         call()
 
 
+@needs_extension
 def test_gemv_bad_input_raises_naming_the_argument():
     x, packed, scales = _valid_gemv_args()
     with pytest.raises(ValueError, match="multiple of blocksize"):
@@ -224,6 +262,7 @@ def test_gemv_bad_input_raises_naming_the_argument():
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@needs_extension
 def test_cuda_sources_compile_for_sm80_and_sm90(tmp_path):
     cmd = [
         "nvcc", "-c", "-std=c++17", "-O3",

@@ -1,19 +1,27 @@
-"""The real Triton kernels compile for an H100/H200 (sm_90) with Triton's GPU compiler, on a machine without a GPU.
+"""Every autotune config of every Triton kernel compiles for an H100/H200 (sm_90), spill-free, on a machine
+without a GPU.
 
 The interpreter that runs the other kernel tests here never generates code, so it accepts programs the GPU
-compiler rejects (inconsistent return types, bad layouts) and never sees bf16 dots or shared-memory use.
-Each kernel is compiled to a cubin (no launch) for a few representative launches: attention forward, dK/dV,
-dQ and the delta pre-pass in fp16 and bf16 at head dims 64 and 128 with and without every mask option (plus
-packed sequences, a one-row decode and fp32 inputs), and the NF4 matmul / dequantize kernels. Tiles are each
-autotune list's first (default) config, the one FASTLLM_AUTOTUNE=0 launches; the last test checks that switch.
+compiler rejects (inconsistent return types, bad layouts) and never sees bf16 dots, register pressure or
+shared-memory use. Each kernel is compiled to a cubin (no launch) with Triton's own compiler and ptxas, all
+in one subprocess, and ptxas' report must show no register spill and shared memory within the sm_90 limit.
+
+What is compiled (``KERNELS``, one entry per kernel and launch setting, each with the configs to compile):
+- every config of every autotune list, at the heaviest launch that uses the list: the largest head dim of
+  its head-dim bucket with every mask option on (attention), bf16 or fp32 inputs;
+- the default (first) config over the launch variants: attention in fp16 and bf16, head dims 64 and 128,
+  each mask option alone and together, packed sequences, one-row decode, fp32; NF4 in fp16, bf16, fp32.
+The last test checks that the autotuners try exactly these lists (FASTLLM_AUTOTUNE=0: the first entry).
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+from dataclasses import dataclass, field
 
 import pytest
+import triton
 from _triton_compile import SM90_SHARED_LIMIT, KernelSpec, compile_for_gpu, python_without_interpreter
 
 from fastllm.kernels import attention_bwd, attention_fwd
@@ -21,21 +29,51 @@ from fastllm.kernels import attention_bwd, attention_fwd
 nf4_fused = importlib.import_module("fastllm.kernels.nf4_fused")
 nf4_dense = importlib.import_module("fastllm.kernels.nf4_dense")
 
+
+@dataclass
+class Entry:
+    """One kernel in one launch setting, compiled once per config.
+
+    ``configs``: (tile constexprs, num_warps, num_stages) as the kernel's autotuner builds them. The rest is
+    :class:`KernelSpec`'s: argument types, the other constexprs, integer arguments aligned to 16, options.
+    """
+
+    name: str
+    kernel: str
+    types: dict[str, str]
+    constexprs: dict[str, object]
+    configs: list[tuple[dict[str, int], int, int]]
+    aligned: list[str] = field(default_factory=list)
+    options: dict[str, object] = field(default_factory=dict)
+
+    def specs(self) -> list[KernelSpec]:
+        out = []
+        for tile, warps, stages in self.configs:
+            label = "-".join(f"{k.removeprefix('BLOCK_').lower()}{v}" for k, v in tile.items())
+            name = f"{self.name}[{label}-w{warps}-s{stages}]"
+            constexprs = {**self.constexprs, **tile}
+            out.append(KernelSpec(name, self.kernel, self.types, constexprs, warps, stages, self.aligned, self.options))
+        return out
+
+
+# ---- attention ---------------------------------------------------------------------------------------------
+
 ATTN = "fastllm.kernels.attention_fwd:_attention_fwd_kernel"
 DKDV = "fastllm.kernels.attention_bwd:_attention_dkdv_kernel"
 DQ = "fastllm.kernels.attention_bwd:_attention_dq_kernel"
 DELTA = "fastllm.kernels.attention_bwd:_attention_delta_kernel"
+ATTENTION_TUNED = ((ATTN, attention_fwd.forward_tiles), (DKDV, attention_bwd.dkdv_tiles), (DQ, attention_bwd.dq_tiles))
+HEAD_DIM_BLOCKS = (16, 32, 64, 128, 256)  # BLOCK_D of the supported head dims (96 runs in a 128 block)
 
 NO_MASKS = dict(HAS_LEFT=False, HAS_RIGHT=False, HAS_KPM=False, SOFTCAP=False, VARLEN=False)
+EVERY_MASK = {**NO_MASKS, "HAS_LEFT": True, "HAS_RIGHT": True, "HAS_KPM": True, "SOFTCAP": True}
 # (dtype, head dim, flags): plain; every option at once (causal + window = both window sides); softcap alone;
 # packed sequences; decode (one query row) with padding; fp32 inputs (exact fp32 dots, their own small tiles).
 ATTENTION_CASES = {
     "fp16-d64-plain": ("fp16", 64, NO_MASKS),
     "bf16-d128-plain": ("bf16", 128, NO_MASKS),
-    "fp16-d64-causal-window-softcap-padding": ("fp16", 64, {**NO_MASKS, "HAS_LEFT": True, "HAS_RIGHT": True,
-                                                            "HAS_KPM": True, "SOFTCAP": True}),
-    "bf16-d128-causal-window-softcap-padding": ("bf16", 128, {**NO_MASKS, "HAS_LEFT": True, "HAS_RIGHT": True,
-                                                              "HAS_KPM": True, "SOFTCAP": True}),
+    "fp16-d64-causal-window-softcap-padding": ("fp16", 64, EVERY_MASK),
+    "bf16-d128-causal-window-softcap-padding": ("bf16", 128, EVERY_MASK),
     "bf16-d64-softcap": ("bf16", 64, {**NO_MASKS, "SOFTCAP": True}),
     "fp16-d128-varlen-causal-softcap": ("fp16", 128, {**NO_MASKS, "HAS_RIGHT": True, "SOFTCAP": True, "VARLEN": True}),
     "bf16-d128-decode-causal-padding": ("bf16", 128, {**NO_MASKS, "HAS_RIGHT": True, "HAS_KPM": True}),
@@ -43,6 +81,8 @@ ATTENTION_CASES = {
 }  # fmt: skip
 # Triton compiles an int argument equal to 1 as a constant: one query row (decode) is its own specialization.
 DECODE = {"seqlen_q": 1}
+# Row strides of (B, H, S, D) / (total, H, D) tensors are multiples of the head dim; Triton specializes them so.
+STRIDES = [f"stride_{t}{axis}" for t in ("q", "k", "v", "o", "do", "dq", "dk", "dv", "d") for axis in "bhs"]
 
 
 def attention_types(dtype: str) -> dict[str, str]:
@@ -54,77 +94,157 @@ def attention_types(dtype: str) -> dict[str, str]:
     return {**types, "kpm_ptr": "*u8"}
 
 
-# Row strides of (B, H, S, D) / (total, H, D) tensors are multiples of the head dim; Triton specializes them so.
-STRIDES = [f"stride_{t}{axis}" for t in ("q", "k", "v", "o", "do", "dq", "dk", "dv", "d") for axis in "bhs"]
+def attention_configs(tiles: list[tuple[int, int, int, int]]) -> list[tuple[dict[str, int], int, int]]:
+    return [({"BLOCK_M": bm, "BLOCK_N": bn}, warps, stages) for bm, bn, warps, stages in tiles]
 
 
-def attention_specs() -> list[KernelSpec]:
-    specs = []
+def attention_entries() -> list[Entry]:
+    entries = []
     for case, (dtype, dim, flags) in ATTENTION_CASES.items():
         fp32 = dtype == "fp32"  # exact fp32 dots, as the launcher asks for fp32 inputs
         ones = DECODE if "decode" in case else {}
         types = {**attention_types(dtype), **dict.fromkeys(ones, "constexpr")}
         constexprs = {**flags, **ones, "PRECISION": "ieee" if fp32 else "tf32", "BLOCK_D": dim}
-        for kernel, tiles in ((ATTN, attention_fwd.forward_tiles), (DKDV, attention_bwd.dkdv_tiles),
-                              (DQ, attention_bwd.dq_tiles)):  # fmt: skip
-            block_m, block_n, warps, stages = tiles(dim, fp32)[0]
-            tile = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+        for kernel, tiles in ATTENTION_TUNED:
             name = f"{kernel.split(':_')[1]}-{case}"
-            specs.append(KernelSpec(name, kernel, types, {**constexprs, **tile}, warps, stages, STRIDES))
-        delta = dict(HAS_DLSE=True, VARLEN=flags["VARLEN"], BLOCK_M=64, BLOCK_D=dim, **ones)
-        specs.append(KernelSpec(f"attention_delta_kernel-{case}", DELTA, types, delta, 4, 1, STRIDES))
-    return specs
+            entries.append(Entry(name, kernel, types, constexprs, attention_configs(tiles(dim, fp32)[:1]), STRIDES))
+        delta = dict(HAS_DLSE=True, VARLEN=flags["VARLEN"], BLOCK_D=dim, **ones)
+        entries.append(Entry(f"attention_delta_kernel-{case}", DELTA, types, delta, [({"BLOCK_M": 64}, 4, 1)], STRIDES))
+    # Every tile of every list, once, at the largest BLOCK_D that takes the list (the most registers).
+    for kernel, tiles in ATTENTION_TUNED:
+        for fp32, dtype in ((False, "bf16"), (True, "fp32")):
+            heaviest = {tuple(tiles(dim, fp32)): dim for dim in HEAD_DIM_BLOCKS}
+            for tile_list, dim in heaviest.items():
+                constexprs = {**EVERY_MASK, "PRECISION": "ieee" if fp32 else "tf32", "BLOCK_D": dim}
+                name = f"{kernel.split(':_')[1]}-every-tile-{dtype}-d{dim}-every-mask"
+                configs = attention_configs(list(tile_list))
+                entries.append(Entry(name, kernel, attention_types(dtype), constexprs, configs, STRIDES))
+    return entries
 
 
-def nf4_specs() -> list[KernelSpec]:
-    """Forward (split-K decode and tiled GEMM), backward and dequantize; 16-bit dtypes and fp32 with exact dots."""
-    scales = {"data_ptr": "*u8", "absmax_ptr": "*u8", "nested_ptr": "*fp32", "offset_ptr": "*fp32",
+# ---- NF4 ---------------------------------------------------------------------------------------------------
+
+NF4_SCALES = {"data_ptr": "*u8", "absmax_ptr": "*u8", "nested_ptr": "*fp32", "offset_ptr": "*fp32",
               "dmap_ptr": "*fp32", "pairs_ptr": "*fp32"}  # fmt: skip
-    specs = []
-    for dtype, (dot_fp32, precision) in (("fp16", (False, None)), ("bf16", (False, None)), ("fp32", (True, "ieee"))):
+NO_FMA = {"enable_fp_fusion": False}  # as the launchers compile them (the exact double-quant scale decode)
+NF4_KINDS = ("small_m", "split_k", "large_m", "backward")
+
+
+def nf4_configs(kind: str, fp32: bool) -> list[tuple[dict[str, int], int, int]]:
+    tiles = nf4_fused.tile_specs(kind, fp32)
+    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K")
+    return [(dict(zip(keys, tile[:4], strict=True)), tile[4], tile[5]) for tile in tiles]
+
+
+def nf4_entries() -> list[Entry]:
+    """Forward (direct GEMV, split-K GEMV atomic and deterministic, tiled GEMM) and backward: every config in bf16
+    and fp32 (exact dots), the default config in fp16; every tile of the dequantize kernel, both lookups, in bf16."""
+    entries = []
+    for dtype, (dot_fp32, precision), every in (
+        ("bf16", (False, None), True), ("fp32", (True, "ieee"), True), ("fp16", (False, None), False),
+    ):  # fmt: skip
         quant = {"BLOCKSIZE": 64, "DOUBLE_QUANT": True, "DOT_FP32": dot_fp32, "DOT_PRECISION": precision}
-        # (name, tile kind, GEMV output mode: 0 stores y, 1 adds fp32 partials atomically, 2 stores them)
-        for name, kind, mode in (("small_m", "small_m", 0), ("split_k", "split_k", 1),
-                                 ("split_k-deterministic", "split_k", 2), ("large_m", "large_m", 0),
-                                 ("backward", "backward", 0)):  # fmt: skip
-            bm, bn, bk, split, warps, stages = nf4_fused.tile_specs(kind, dot_fp32)[0]
-            tiles = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}
+        # (tile kind, GEMV output mode: 0 stores y, 1 adds fp32 partials atomically, 2 stores them to sum in order)
+        for kind, mode in (("small_m", 0), ("split_k", 1), ("split_k", 2), ("large_m", 0), ("backward", 0)):
+            configs = nf4_configs(kind, dot_fp32)
+            configs = configs if every else configs[:1]
             if kind == "backward":
                 kernel, types = "_backward_kernel", {"grad_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"}
-                constexprs = {**quant, **tiles}
+                constexprs = quant
             else:
                 out = "*fp32" if mode else f"*{dtype}"
                 kernel, types = "_forward_kernel", {"x_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "out_ptr": out}
-                constexprs = {"HAS_BIAS": True, **quant, **tiles, "OUT_MODE": mode}
-            kernel = f"fastllm.kernels.nf4_fused:{kernel}"
-            no_fma = {"enable_fp_fusion": False}  # as the launchers compile them (exact scale decode)
-            specs.append(
-                KernelSpec(f"nf4-{name}-{dtype}", kernel, {**scales, **types}, constexprs, warps, stages, ["K"], no_fma)
-            )
-    kernel = "fastllm.kernels.nf4_dense:_dequantize_kernel"
-    no_fma = {"enable_fp_fusion": False}  # as nf4_dequantize launches it
-    for bn, bk, warps, pair in nf4_dense.DENSE_TILES:
-        dequant = {"BLOCKSIZE": 64, "DOUBLE_QUANT": True, "BLOCK_N": bn, "BLOCK_K": bk, "PAIR_LOOKUP": pair,
-                   "BF16_BY_BITS": False}  # fmt: skip
-        name = f"nf4-dequantize-bf16-{bn}x{bk}-{'pairs' if pair else 'nibbles'}"
-        specs.append(KernelSpec(name, kernel, {**scales, "out_ptr": "*bf16"}, dequant, warps, 1, ["K"], no_fma))
+                constexprs = {"HAS_BIAS": True, **quant, "OUT_MODE": mode}
+            name = f"nf4-{kind}{'-deterministic' if mode == 2 else ''}-{dtype}"
+            entries.append(Entry(name, f"fastllm.kernels.nf4_fused:{kernel}", {**NF4_SCALES, **types}, constexprs,
+                                 configs, ["K"], NO_FMA))  # fmt: skip
+    for pair in (True, False):
+        dequant = {"BLOCKSIZE": 64, "DOUBLE_QUANT": True, "PAIR_LOOKUP": pair, "BF16_BY_BITS": False}
+        tiles = [tile for tile in nf4_dense.DENSE_TILES if tile[3] == pair]
+        configs = [({"BLOCK_N": bn, "BLOCK_K": bk}, warps, 1) for bn, bk, warps, _ in tiles]
+        name = f"nf4-dequantize-bf16-{'pairs' if pair else 'nibbles'}"
+        entries.append(Entry(name, "fastllm.kernels.nf4_dense:_dequantize_kernel", {**NF4_SCALES, "out_ptr": "*bf16"},
+                             dequant, configs, ["K"], NO_FMA))  # fmt: skip
+    return entries
+
+
+# ---- every kernel: append the entries of a new kernel here ----------------------------------------------------
+KERNELS: list[Entry] = [
+    *attention_entries(),
+    *nf4_entries(),
+]
+
+
+def _unique_specs(entries: list[Entry]) -> list[KernelSpec]:
+    # A default tile may also be in an every-tile entry with the same launch: compile it once.
+    specs, seen = [], set()
+    for spec in (s for entry in entries for s in entry.specs()):
+        key = json.dumps([spec.kernel, spec.types, spec.constexprs, spec.num_warps, spec.num_stages, spec.options],
+                         sort_keys=True, default=str)  # fmt: skip
+        if key not in seen:
+            seen.add(key)
+            specs.append(spec)
     return specs
 
 
-SPECS = attention_specs() + nf4_specs()
+SPECS = _unique_specs(KERNELS)
+
+# Configs that spill registers with triton 3.9's ptxas (found by this test; the kernels are not this file's to
+# change): the kernels' owners retune or drop them. Strict: an entry that stops spilling fails until removed here.
+# Other Triton versions (the GPU machines run 3.6, another ptxas) are held to no spill at all.
+SPILLS_WITH_TRITON_39 = {
+    "attention_fwd_kernel-every-tile-bf16-d256-every-mask[m64-n64-w8-s3]": "48 B spill stores (the D=256 default)",
+    "attention_fwd_kernel-every-tile-bf16-d256-every-mask[m32-n64-w4-s2]": "140 B spill stores",
+    "attention_fwd_kernel-every-tile-fp32-d128-every-mask[m16-n32-w8-s2]": "8 B spill stores",
+    "attention_dq_kernel-every-tile-bf16-d256-every-mask[m32-n128-w8-s2]": "4 B spill stores",
+}
+_TRITON_39 = triton.__version__.startswith("3.9")
+
+
+def _param(name: str):
+    if name not in SPILLS_WITH_TRITON_39:
+        return name
+    reason = f"spills with triton 3.9's ptxas: {SPILLS_WITH_TRITON_39[name]}"
+    return pytest.param(name, marks=pytest.mark.xfail(_TRITON_39, reason=reason, strict=True))
 
 
 @pytest.fixture(scope="module")
-def compiled():
-    """All specs compiled in one subprocess (one Python + Triton start-up for the whole file)."""
-    return compile_for_gpu(SPECS)
+def compiled(request):
+    """The specs of the selected tests, compiled in one subprocess (one Python + Triton start-up for the file)."""
+    wanted = {
+        item.callspec.params["name"]
+        for item in request.session.items
+        if item.originalname == "test_kernel_compiles_for_sm90_without_spills"
+    }
+    return compile_for_gpu([spec for spec in SPECS if spec.name in wanted])
 
 
-@pytest.mark.parametrize("name", [spec.name for spec in SPECS])
-def test_kernel_compiles_for_sm90(compiled, name):
+@pytest.mark.parametrize("name", [_param(spec.name) for spec in SPECS])
+def test_kernel_compiles_for_sm90_without_spills(compiled, name):
     result = compiled[name]
     assert result.error is None, f"{name} does not compile for sm_90:\n{result.error}"
     assert result.shared <= SM90_SHARED_LIMIT, f"{name} needs {result.shared} B of shared memory"
+    assert result.registers > 0, f"{name}: no ptxas report was read"
+    assert result.spill_stores == 0 and result.spill_loads == 0, (
+        f"{name} spills registers: {result.spill_stores} B stores, {result.spill_loads} B loads "
+        f"({result.registers} registers)"
+    )
+
+
+def test_every_autotune_config_is_compiled():
+    """Each autotune list of each kernel appears whole among the compiled configs (the lists the tuners use)."""
+    compiled = {(s.kernel, s.num_warps, s.num_stages, *(s.constexprs.get(k) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K",
+                "SPLIT_K"))) for s in SPECS}  # fmt: skip
+    for kernel, tiles in ATTENTION_TUNED:
+        for dim in HEAD_DIM_BLOCKS:
+            for fp32 in (False, True):
+                for bm, bn, warps, stages in tiles(dim, fp32):
+                    assert (kernel, warps, stages, bm, bn, None, None) in compiled, (kernel, dim, fp32, bm, bn)
+    for kind in NF4_KINDS:
+        kernel = "fastllm.kernels.nf4_fused:" + ("_backward_kernel" if kind == "backward" else "_forward_kernel")
+        for fp32 in (False, True):
+            for bm, bn, bk, split, warps, stages in nf4_fused.tile_specs(kind, fp32):
+                assert (kernel, warps, stages, bm, bn, bk, split) in compiled, (kind, fp32, bm, bn, bk, split)
 
 
 # Prints the configs each autotuner of a GPU process would try, per head-dim bucket / dtype kind / NF4 kernel kind.
@@ -164,7 +284,7 @@ def test_fastllm_autotune_switch(autotune):
             for name, tiles in (("forward", attention_fwd.forward_tiles), ("dkdv", attention_bwd.dkdv_tiles),
                                 ("dq", attention_bwd.dq_tiles)):  # fmt: skip
                 expected[f"{name}-{dim}-{fp32}"] = tiles(dim, fp32)
-    for kind in ("small_m", "split_k", "large_m", "backward"):
+    for kind in NF4_KINDS:
         for fp32 in (False, True):
             expected[f"nf4-{kind}-{fp32}"] = nf4_fused.tile_specs(kind, fp32)
     expected = {key: [list(t) for t in (tiles[:1] if autotune == "0" else tiles)] for key, tiles in expected.items()}

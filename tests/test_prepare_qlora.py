@@ -1,12 +1,13 @@
-"""prepare_qlora on tiny random-init BERT, Llama, GPT-2, Gemma 2 and LLaVA models."""
+"""prepare_qlora on tiny random-init BERT, Llama, GPT-2, Gemma 2 and LLaVA models, on every device (the ``device``
+fixture); in bf16 against PEFT over the same model in fp32 with the dequantized weights."""
 
 import copy
 
-import bitsandbytes as bnb
 import pytest
 import torch
 from _metrics import rel_err
 from _tiny_models import ARCHS, bnb_linear4bit, logits, make_batch, make_model, with_dequantized_weights
+from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -19,14 +20,19 @@ def features(module: nn.Module) -> tuple[int, int]:
     return (module.nx, module.nf) if isinstance(module, Conv1D) else (module.in_features, module.out_features)
 
 
+def on(device: torch.device, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-def test_prepare_qlora_model(arch):
+def test_prepare_qlora_model(device, arch):
     original = make_model(arch)
     model = copy.deepcopy(original)
-    batch = make_batch(arch)
+    batch = on(device, make_batch(arch))
     targets = find_targets(model)
     shapes = {name: features(model.get_submodule(name)) for name in targets}
     prepare_qlora(model, r=4, alpha=8, progress=False)
+    model.to(device)
 
     # Only LoRA matrices train, and exactly r * (in + out) of them per replaced layer.
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -46,8 +52,8 @@ def test_prepare_qlora_model(arch):
     assert 0.515 < per_param < 0.518
 
     # At init (B = 0) the model equals the same model with dequantized dense weights.
-    twin = with_dequantized_weights(copy.deepcopy(original), model)
-    assert rel_err(logits(model, batch), logits(twin, batch)) < 1e-5
+    twin = with_dequantized_weights(copy.deepcopy(original), model).to(device)
+    assert rel_err(logits(model, batch), logits(twin, batch)) < {"cpu": 1e-5, "cuda": 5e-5}[device.type]
 
     # Training the adapters lowers the loss.
     model.train()
@@ -60,6 +66,71 @@ def test_prepare_qlora_model(arch):
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.05, losses
+
+
+# What a bf16 model may differ from its fp32 reference by (bf16 rounding of activations, weights and outputs): the
+# loss; all LoRA gradients as one vector; the worst single gradient (small ones carry more relative noise).
+BF16_MODEL_TOL = {"loss": 1e-3, "lora_grads": 3e-2, "worst_lora_grad": 1e-1}
+
+
+def bf16_model_errors(arch: str, device: torch.device, model_dtype: torch.dtype = torch.bfloat16, **options) -> dict:
+    """A tiny ``arch`` model in ``model_dtype`` prepared by ``prepare_qlora(**options)`` (r=4, alpha=8, random B) on
+    ``device``, against PEFT (same A and B) over the same model in fp32 whose linears hold the dequantized NF4
+    weights: rel errors of the loss and the largest over the LoRA gradients (tests/test_cpu_path.py runs this too).
+
+    Both sides start from the parameters rounded to bf16, so only the computation differs. Eval mode (no dropout).
+    """
+    dense = make_model(arch).to(torch.bfloat16).float()
+    model = prepare_qlora(copy.deepcopy(dense).to(model_dtype), r=4, alpha=8, progress=False, **options)
+    torch.manual_seed(5)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+    for layer in layers.values():
+        nn.init.normal_(layer.lora_B, std=0.1)
+    config = LoraConfig(
+        r=4, lora_alpha=8, use_rslora=options.get("use_rslora", False), target_modules=list(layers),
+        fan_in_fan_out=arch == "gpt2", lora_dropout=0.0,
+    )  # fmt: skip
+    reference = get_peft_model(with_dequantized_weights(copy.deepcopy(dense), model), config)
+    theirs = {n.removeprefix("base_model.model."): m for n, m in reference.named_modules() if hasattr(m, "lora_A")}
+    for name, layer in layers.items():
+        theirs[name].lora_A["default"].weight.data = layer.lora_A.detach().clone()
+        theirs[name].lora_B["default"].weight.data = layer.lora_B.detach().clone()
+    batch = on(device, make_batch(arch))
+    losses = []
+    for net in (model.to(device).eval(), reference.to(device).eval()):
+        loss = net(**batch).loss
+        loss.backward()
+        losses.append(loss)
+    ours, ref = [], []
+    for name, layer in layers.items():
+        ours += [layer.lora_A.grad, layer.lora_B.grad]
+        ref += [theirs[name].lora_A["default"].weight.grad, theirs[name].lora_B["default"].weight.grad]
+    return {
+        "loss": rel_err(losses[0], losses[1]),
+        "lora_grads": rel_err(torch.cat([g.flatten() for g in ours]), torch.cat([g.flatten() for g in ref])),
+        "worst_lora_grad": max(rel_err(o, r) for o, r in zip(ours, ref, strict=True)),
+        "n_grads": len(ours),
+    }
+
+
+BF16_MODEL_CASES = {
+    "llama": ("llama", {}),
+    "gemma2": ("gemma2", {}),
+    "gpt2": ("gpt2", {}),
+    "llama-fp32-compute_bf16-rslora-blocksize128-no-double-quant": (
+        "llama", {"model_dtype": torch.float32, "compute_dtype": torch.bfloat16, "use_rslora": True,
+                  "blocksize": 128, "double_quant": False},
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BF16_MODEL_CASES))
+def test_bf16_model_loss_and_lora_grads_vs_fp32_reference(device, case):
+    arch, options = BF16_MODEL_CASES[case]
+    errors = bf16_model_errors(arch, device, **options)
+    assert errors["n_grads"] == (16 if arch == "gpt2" else 28)
+    for name, tol in BF16_MODEL_TOL.items():
+        assert errors[name] < tol, f"{name}: rel err {errors[name]:.2e}"
 
 
 def test_target_modules_suffix_regex_and_skip():
@@ -131,10 +202,10 @@ def test_failure_half_way_leaves_model_unchanged():
 
 
 @pytest.mark.parametrize("use_reentrant", [True, False])
-def test_hf_gradient_checkpointing_same_grads(use_reentrant):
+def test_hf_gradient_checkpointing_same_grads(device, use_reentrant):
     grads = []
     for ckpt in (False, True):
-        model = prepare_qlora(make_model("llama"), r=4, dropout=0.1, progress=False)
+        model = prepare_qlora(make_model("llama"), r=4, dropout=0.1, progress=False).to(device)
         for module in model.modules():
             if isinstance(module, LoraLinear):
                 nn.init.normal_(module.lora_B, std=0.1)
@@ -142,7 +213,7 @@ def test_hf_gradient_checkpointing_same_grads(use_reentrant):
             model.gradient_checkpointing_enable({"use_reentrant": use_reentrant})
         model.train()
         torch.manual_seed(3)
-        model(**make_batch("llama")).loss.backward()
+        model(**on(device, make_batch("llama"))).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys()
     for name, g in grads[0].items():
@@ -150,6 +221,7 @@ def test_hf_gradient_checkpointing_same_grads(use_reentrant):
 
 
 def test_bitsandbytes_model_converted_reusing_bytes():
+    bnb = pytest.importorskip("bitsandbytes")  # the GPU machines may not have it
     model = make_model("llama")  # its decoder linears become bitsandbytes nf4 Linear4bit, quantized on the CPU
     for name in find_targets(model):
         parent, _, child = name.rpartition(".")
