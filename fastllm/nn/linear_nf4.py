@@ -10,6 +10,10 @@ Storage (chosen for FSDP2, which shards every ``nn.Parameter`` along dim 0 and l
 
 ``state_dict()`` holds exactly the keys, shapes, dtypes and bytes of a bitsandbytes ``Linear4bit``
 (``quant_type="nf4"``, uint8 storage) with the same weight, and ``load_state_dict`` accepts one.
+Under FSDP2 (DTensor parameters) ``state_dict()`` holds dim-0 shards of those tensors (the packed
+weight is gathered whole when its rows are split unevenly over the ranks), and ``load_state_dict``
+takes whole tensors or shards and writes into the sharded parameters in place (collective: call both
+on every rank).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch import nn
 from fastllm.codebook import nf4_code
 from fastllm.kernels import nf4_matmul, nf4_matmul_t
 from fastllm.nf4 import BNB_QUANT_STATE_KEY, NF4Weight, quantize
+from fastllm.nn._dtensor import copy_full_, flatten, full_tensor, is_dtensor
 
 # Quantization statistics: they keep their dtype through Module.to(dtype) / .half() / .bfloat16().
 _STAT_NAMES = ("absmax", "nested_absmax", "offset")
@@ -145,7 +150,18 @@ class LinearNF4(nn.Module):
     # -- bitsandbytes-compatible state dict -------------------------------------------------------
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        bnb = self.nf4_weight().to_bnb_state_dict(prefix + "weight")
+        # nf4_weight() with the packed bytes flattened by _dtensor.flatten: under FSDP2 uneven row shards
+        # cannot be viewed flat and are gathered.
+        w = NF4Weight(
+            flatten(self.weight),
+            self.absmax,
+            self.blocksize,
+            torch.Size((self.out_features, self.in_features)),
+            self.weight_dtype,
+            self.nested_absmax,
+            self.offset,
+        )
+        bnb = w.to_bnb_state_dict(prefix + "weight")
         destination[prefix + "weight"] = bnb.pop(prefix + "weight")
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias
@@ -165,7 +181,8 @@ class LinearNF4(nn.Module):
         unexpected_keys: list,
         error_msgs: list,
     ) -> None:
-        ours = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        # Shards (a sharded state dict loaded into an FSDP2 model) are checked and applied whole.
+        ours = {k[len(prefix) :]: full_tensor(v) for k, v in state_dict.items() if k.startswith(prefix)}
         record = f"weight.{BNB_QUANT_STATE_KEY}"
         required = ["weight", "weight.absmax", "weight.quant_map", record] + (["bias"] if self.bias is not None else [])
         missing = [k for k in required if k not in ours]
@@ -186,11 +203,35 @@ class LinearNF4(nn.Module):
         except (KeyError, ValueError) as exc:
             error_msgs.append(f"{prefix}weight: {exc}")
             return
-        device = self.weight.device
-        self._set_weight(w.to(device))
+        if is_dtensor(self.weight):
+            try:
+                self._copy_into_shards(w)
+            except ValueError as exc:
+                error_msgs.append(f"{prefix}weight: {exc}")
+                return
+        else:
+            self._set_weight(w.to(self.weight.device))
         if self.bias is not None:
-            with torch.no_grad():
-                self.bias.copy_(ours["bias"])
+            copy_full_(self.bias, ours["bias"])
+
+    def _copy_into_shards(self, w: NF4Weight) -> None:
+        # FSDP2 holds the sharded parameters: replacing them would be undone by its next all-gather, so
+        # the new bytes go into them in place, which needs the layer's own format.
+        if (w.blocksize, w.dtype, w.double_quant) != (
+            self.blocksize,
+            self.weight_dtype,
+            self.nested_absmax is not None,
+        ):
+            raise ValueError(
+                f"under FSDP2 a state dict must keep the layer's format (blocksize {self.blocksize}, dtype "
+                f"{self.weight_dtype}, double_quant {self.nested_absmax is not None}), got blocksize {w.blocksize}, "
+                f"dtype {w.dtype}, double_quant {w.double_quant}; load it before fully_shard"
+            )
+        copy_full_(self.weight, w.data.reshape(self.weight.shape))
+        copy_full_(self.absmax, w.absmax)
+        for name in ("nested_absmax", "offset"):
+            if getattr(self, name) is not None:
+                copy_full_(getattr(self, name), getattr(w, name).reshape(getattr(self, name).shape))
 
     # -- keep the statistics' dtype under Module.to(dtype) -----------------------------------------
 
