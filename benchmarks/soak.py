@@ -3,6 +3,9 @@
     python -m benchmarks.soak                         # 2,000 steps (a few minutes on the 2-core CPU machine)
     python -m benchmarks.soak --steps 300 --out DIR   # shorter (tests/test_soak.py runs this)
 
+One torch thread by default (--threads): on a machine shared by busy processes, OpenMP threads that wait for
+each other make a step 20x slower and the timing meaningless; memory is what this measures.
+
 A random-init Llama (hidden 128, 2 layers, vocabulary 256) goes through ``prepare_qlora`` (NF4 + LoRA on
 every linear, dropout on) and trains with AdamW on a fresh random batch each step, the whole
 QLoRA step each time: NF4 forward, fused LoRA backward, optimizer. The resident set size (RSS, from
@@ -106,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--every", type=int, default=50, help="sample the RSS every N steps")
     parser.add_argument("--tolerance", type=float, default=0.02, help="allowed (max - min) / RSS at warm-up end")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on a shared machine)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     result = soak(args.steps, args.warmup, args.every)
     result["tolerance"] = args.tolerance
     result["device"] = device_name(torch.device("cpu"))
