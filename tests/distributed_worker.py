@@ -198,6 +198,28 @@ def mode_save(result: dict, directory: Path) -> None:
         result[f"{mode}_adapter_loaded_equal"] = all(torch.equal(loaded[k], trained[k]) for k in trained)
         result[f"{mode}_adapter_fresh_differed"] = any(not torch.equal(before[k], trained[k]) for k in trained)
     uneven_nf4_layers(result)
+    broadcast_odd_offsets(result)
+
+
+def broadcast_odd_offsets(result: dict) -> None:
+    # load_checkpoint sends rank 0's tensors as one byte buffer: wider dtypes after an odd-length one.
+    from fastllm.nn.checkpoint import _broadcast_tensors
+
+    g = torch.Generator().manual_seed(3)
+    sent = {
+        "bytes": torch.randint(0, 255, (3,), dtype=torch.uint8, generator=g),
+        "f32": torch.randn(2, 5, generator=g),
+        "one": torch.tensor([7], dtype=torch.uint8),
+        "bf16": torch.randn(3, generator=g).bfloat16(),
+        "i64": torch.arange(4),
+        "scalar": torch.tensor(2.5),
+    }
+    got = _broadcast_tensors(sent if dist.get_rank() == 0 else None, torch.device("cpu"))
+    same = sorted(got) == sorted(sent)
+    same = same and all(got[k].dtype == v.dtype and torch.equal(got[k], v) for k, v in sent.items())
+    ok = torch.tensor(int(same))
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    result["broadcast_odd_offsets_equal"] = bool(ok.item())
 
 
 def mode_resume(result: dict, directory: Path) -> None:

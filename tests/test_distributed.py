@@ -97,3 +97,7 @@ def test_unevenly_sharded_nf4_layers_save_and_load(resumed):
     assert saved["uneven_state_dict_equal"]
     assert saved["uneven_loaded_forward_equal"]
     assert saved["uneven_sharded_roundtrip_equal"]
+
+
+def test_checkpoint_broadcast_keeps_every_dtype_at_odd_byte_offsets(resumed):
+    assert resumed[0]["broadcast_odd_offsets_equal"]

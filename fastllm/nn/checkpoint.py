@@ -63,7 +63,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def _comm_device(model: nn.Module) -> torch.device:
+def _comm_device() -> torch.device:
     # Where the process group can send tensors: NCCL only sends CUDA tensors.
     if _distributed() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -104,7 +104,8 @@ def _broadcast_tensors(tensors: dict[str, torch.Tensor] | None, device: torch.de
     buffer = buffer.cpu()
     out, start = {}, 0
     for key, dtype, shape, nbytes in layout[0]:
-        out[key] = buffer[start : start + nbytes].view(dtype).reshape(shape).clone()
+        # clone first: a slice at an odd byte offset cannot be viewed as a wider dtype
+        out[key] = buffer[start : start + nbytes].clone().view(dtype).reshape(shape)
         start += nbytes
     return out
 
@@ -331,7 +332,7 @@ def load_checkpoint(
         )
     if optimizer is not None and meta["optimizer"] is None:
         raise ValueError(f"{directory}: the checkpoint holds no optimizer state")
-    device = _comm_device(model)
+    device = _comm_device()
     load_full_model_state_dict(model, _broadcast_tensors(files.get("model"), device))
     if optimizer is not None:
         _load_optimizer_state(model, optimizer, meta["optimizer"], _broadcast_tensors(files.get("optimizer"), device))
