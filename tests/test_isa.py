@@ -27,7 +27,7 @@ ISAS = ("avx512", "avx2", "scalar")
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 QUANT_CASES = {"a": ((37, 129), 32), "b": ((5, 301), 128), "c": ((3, 1001), 4096), "d": ((2, 200), 64)}
 GEMV_CASES = {"k192": (192, 64), "k256": (256, 128)}  # K, blocksize
-GEMV_ROWS = (1, 3, 5, 8, 9, 17)  # around the variants' row chunks (8 for AVX-512, 4 otherwise)
+GEMV_ROWS = (1, 3, 5, 8, 9, 17)  # around the variants' row chunks (8 AVX-512, 3 AVX2, 4 scalar)
 GEMV_N = 37  # odd, over two 16-feature tiles
 
 # Run in a fresh process per variant; writes every output into one safetensors file.
