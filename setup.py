@@ -1,6 +1,7 @@
 """Build fastllm and its C++ extension ``fastllm._C``.
 
-The CPU sources always build. The CUDA sources (csrc/*.cu, raw pointers, no torch
+The CPU sources always build, for the baseline of the architecture (the AVX2 / AVX-512 kernels are
+picked at run time; FASTLLM_CPU_ISA=avx512|avx2|scalar forces one). The CUDA sources (csrc/*.cu, raw pointers, no torch
 headers) build only where torch is a CUDA build and nvcc exists; set FASTLLM_NO_CUDA=1 to
 skip them. ``kernels/`` installs as ``fastllm.kernels``.
 """
@@ -33,9 +34,11 @@ def _extension():
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     if not cpp:
         return []
+    # Baseline ISA only (no -march=native): the wheel must run on any x86-64 CPU. The AVX2 and
+    # AVX-512 kernels are compiled by target pragmas in their own files (csrc/nf4_cpu_avx*.cpp) and
+    # chosen at run time (csrc/nf4_cpu_isa.h). -ffp-contract=off: no multiply-add is fused where the
+    # reference rounds twice, so every variant computes the same bytes.
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-std=c++20"]
-    if os.environ.get("FASTLLM_NATIVE", "1") == "1":
-        cxx.append("-march=native")
     if _want_cuda():
         cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
         return [

@@ -38,7 +38,9 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 }  // namespace fastllm
 
-#if defined(__CUDACC__) || defined(FASTLLM_WITH_CUDA)
+// FASTLLM_NF4_FORMAT_ONLY: only the constants above (the ISA-specific CPU translation units, which
+// must include no header with inline functions; see nf4_cpu_isa.h).
+#if (defined(__CUDACC__) || defined(FASTLLM_WITH_CUDA)) && !defined(FASTLLM_NF4_FORMAT_ONLY)
 #include <cuda_runtime_api.h>
 
 // CUDA launchers (csrc/nf4_cuda.cu). All pointers are device pointers of contiguous
@@ -70,7 +72,7 @@ cudaError_t nf4_gemv(const void* x, DType dtype, int64_t M, int64_t K, const uin
 }  // namespace fastllm::cuda
 #endif
 
-#ifndef __CUDACC__
+#if !defined(__CUDACC__) && !defined(FASTLLM_NF4_FORMAT_ONLY)
 #include <ATen/core/Tensor.h>
 
 #include <tuple>

@@ -1,16 +1,18 @@
 // CPU kernels of fastllm._C: NF4 quantize (with double quantization), scale decoding,
-// dequantize and the small-M dequantize-GEMV.
+// dequantize and the small-M dequantize-GEMV, and the choice of instruction set.
 //
 // Quantize and dequantize reproduce fastllm/reference.py (and so bitsandbytes) bit for
-// bit. setup.py builds this file with -ffp-contract=off so that no multiply-add is fused
-// where the reference rounds twice. Plain loops are written so that the compiler can
-// vectorize them (widening, integer max for absmax); the nearest-code search and the table
-// lookups use AVX-512 (permutes, and bf16 dot products for bf16 GEMV input) when the
-// compiler targets it (setup.py passes -march=native), with scalar fallbacks otherwise.
-// All loops are split over blocks or output features with at::parallel_for.
+// bit. setup.py builds every file with -ffp-contract=off so that no multiply-add is fused
+// where the reference rounds twice. This file is built for the baseline x86-64; the hot
+// block loops come from one of the IsaKernels variants (nf4_cpu_isa.h: AVX-512, AVX2 or
+// scalar, chosen at run time), which all compute the same bytes. Here: the threading (every
+// loop is split over blocks or output features with at::parallel_for), the dtype plumbing
+// and the parts that are not hot enough to specialise (the 8-bit pass, scale decoding).
 // The dequantize output, when large, is allocated on huge pages (large_alloc.h).
 #include "large_alloc.h"
 #include "nf4.h"
+#include "nf4_cpu_generic.h"
+#include "nf4_cpu_isa.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -18,19 +20,18 @@
 #include <ATen/ops/mean.h>
 #include <ATen/ops/to.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <array>
 #include <atomic>
-#include <cstring>
-#include <limits>
+#include <cmath>
+#include <cstdlib>
+#include <string>
+#include <type_traits>
 #include <vector>
-
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#include <immintrin.h>
-#define FASTLLM_AVX512 1
-#endif
 
 // Dispatch over the three floating dtypes fastllm supports (fp32, fp16, bf16).
 #define FASTLLM_DISPATCH_FLOAT(TYPE, NAME, ...)                                                        \
@@ -39,45 +40,72 @@
                                          AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 namespace fastllm::cpu {
+
+// ---------------------------------------------------------------------------------------
+// Instruction set: chosen once per process
+// ---------------------------------------------------------------------------------------
+
 namespace {
 
+constexpr IsaKernels kScalar{"scalar",           &generic_block_absmax, &generic_quantize_block, &generic_lookup_f32,
+                             &generic_lookup_u16, &generic_gemv,        nullptr};
+
+bool cpu_has(const char* isa) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  if (std::string(isa) == "avx512")  // the features the pragma of nf4_cpu_avx512.cpp enables
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (std::string(isa) == "avx2")
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#endif
+  return std::string(isa) == "scalar";
+}
+
+// The variant named `isa` if this build has it and this CPU runs it, else nullptr.
+const IsaKernels* runnable(const std::string& isa) {
+  const IsaKernels* k = isa == "avx512" ? avx512_kernels() : isa == "avx2" ? avx2_kernels() : &scalar_kernels();
+  return k != nullptr && cpu_has(isa.c_str()) ? k : nullptr;
+}
+
+const IsaKernels& resolve_kernels() {
+  const char* forced = std::getenv("FASTLLM_CPU_ISA");
+  if (forced == nullptr || *forced == '\0') {
+    for (const char* isa : {"avx512", "avx2"})
+      if (const IsaKernels* k = runnable(isa)) return *k;
+    return scalar_kernels();
+  }
+  const std::string want(forced);
+  TORCH_CHECK_VALUE(want == "avx512" || want == "avx2" || want == "scalar",
+                    "FASTLLM_CPU_ISA must be one of avx512, avx2, scalar (or unset for the best this CPU runs), got '",
+                    want, "'");
+  const IsaKernels* k = runnable(want);
+  std::string here;
+  for (const char* isa : {"avx512", "avx2", "scalar"})
+    if (runnable(isa) != nullptr) here += (here.empty() ? "" : ", ") + std::string(isa);
+  TORCH_CHECK_VALUE(k != nullptr, "FASTLLM_CPU_ISA=", want, ": this CPU (or this build of fastllm._C) cannot run the ",
+                    want, " kernels; it runs: ", here);
+  return *k;
+}
+
+}  // namespace
+
+const IsaKernels& scalar_kernels() { return kScalar; }
+
+const IsaKernels& kernels() {
+  // Resolved on first use, not at load: a bad FASTLLM_CPU_ISA then fails the op call with a
+  // clear error (every call, as the static stays uninitialised) instead of the import.
+  static const IsaKernels& chosen = resolve_kernels();
+  return chosen;
+}
+
+namespace {
+
+std::string cpu_isa() { return kernels().name; }
+
 // ---------------------------------------------------------------------------------------
-// Small helpers
+// Dtype helpers
 // ---------------------------------------------------------------------------------------
-
-// The 15 midpoints (c[i] + c[i + 1]) / 2 in fp32: a value's nearest code is the number of
-// midpoints strictly below it, so a value exactly on a midpoint goes to the lower code.
-// A 16th slot holds +inf so the table fills one AVX-512 register.
-struct NF4Midpoints {
-  float m[16];
-};
-
-constexpr NF4Midpoints make_midpoints() {
-  NF4Midpoints mid{};
-  for (int i = 0; i < 15; ++i) mid.m[i] = (kNF4Code[i] + kNF4Code[i + 1]) / 2.0f;
-  mid.m[15] = std::numeric_limits<float>::infinity();
-  return mid;
-}
-
-constexpr NF4Midpoints kMid = make_midpoints();
-
-inline uint32_t float_bits(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof(u));
-  return u;
-}
-
-inline float bits_float(uint32_t u) {
-  float v;
-  std::memcpy(&v, &u, sizeof(v));
-  return v;
-}
-
-// fp32 -> bf16 bits, round to nearest even (c10::BFloat16's rounding for finite values).
-inline uint16_t bf16_bits_rne(float v) {
-  const uint32_t u = float_bits(v);
-  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
 
 // Widen `len` values of type T to fp32 (exact for every input dtype).
 template <typename T>
@@ -92,107 +120,36 @@ void load_fp32<c10::BFloat16>(const c10::BFloat16* src, float* dst, int64_t len)
   for (int64_t i = 0; i < len; ++i) dst[i] = bits_float(static_cast<uint32_t>(s[i]) << 16);
 }
 
-#ifdef FASTLLM_AVX512
 template <>
 void load_fp32<c10::Half>(const c10::Half* src, float* dst, int64_t len) {
-  int64_t i = 0;
-  for (; i + 16 <= len; i += 16) {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
-    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(h));
+  if (const auto convert = kernels().half_to_float) {
+    convert(reinterpret_cast<const uint16_t*>(src), dst, len);
+    return;
   }
-  for (; i < len; ++i) dst[i] = static_cast<float>(src[i]);
-}
-#endif
-
-// Narrow fp32 to the output dtype with round-to-nearest-even (as Tensor.to does).
-template <typename T>
-void store_from_fp32(const float* src, T* dst, int64_t len) {
-  for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<T>(src[i]);
-}
-
-template <>
-void store_from_fp32<c10::BFloat16>(const float* src, c10::BFloat16* dst, int64_t len) {
-  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
-  for (int64_t i = 0; i < len; ++i) d[i] = bf16_bits_rne(src[i]);
+  for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
 // ---------------------------------------------------------------------------------------
 // Quantize: 4-bit pass
 // ---------------------------------------------------------------------------------------
 
-// One block: absmax and non-finite count. |x| as integer bits orders like the float for
-// finite values, and bits >= 0x7F800000 mark Inf/NaN, so this loop is pure integer
-// arithmetic and vectorizes.
-inline float block_absmax(const float* v, int64_t len, int64_t& nonfinite) {
-  uint32_t mx = 0;
-  int64_t bad = 0;
-  for (int64_t i = 0; i < len; ++i) {
-    const uint32_t a = float_bits(v[i]) & 0x7FFFFFFFu;
-    mx = std::max(mx, a);
-    bad += a >= 0x7F800000u;
-  }
-  nonfinite += bad;
-  return bits_float(mx);
-}
-
-// Nearest NF4 code of each value after scaling: full blocks multiply by the fp32
-// reciprocal of absmax, the short tail block divides (bitsandbytes does both); clamp to
-// [-1, 1]; code = number of midpoints strictly below the value. Then two codes per byte,
-// first in the high nibble, an odd tail padded with code 7.
-inline void quantize_block(const float* v, int64_t len, float absmax, bool full, uint8_t* codes, uint8_t* out) {
-  const float safe = std::max(absmax, kMinScale);
-  const float inv = 1.0f / safe;
-  int64_t i = 0;
-#ifdef FASTLLM_AVX512
-  // 16 values at a time: a branchless binary search over the sorted midpoints (4 steps of
-  // permute + compare) finds the count of midpoints below each value; then each pair of
-  // int32 codes (one 64-bit lane) becomes the byte (even << 4) | odd.
-  const __m512 mid = _mm512_loadu_ps(kMid.m);  // lane 15 holds +inf, never looked up
-  const __m512 lo = _mm512_set1_ps(-1.0f), hi = _mm512_set1_ps(1.0f);
-  for (; i + 16 <= len; i += 16) {
-    const __m512 x = _mm512_loadu_ps(v + i);
-    const __m512 scaled = full ? _mm512_mul_ps(x, _mm512_set1_ps(inv)) : _mm512_div_ps(x, _mm512_set1_ps(safe));
-    const __m512 s = _mm512_min_ps(_mm512_max_ps(scaled, lo), hi);
-    __m512i idx = _mm512_setzero_si512();
-    for (int step = 8; step > 0; step >>= 1) {
-      const __m512i cand = _mm512_add_epi32(idx, _mm512_set1_epi32(step));
-      const __m512 m = _mm512_permutexvar_ps(_mm512_sub_epi32(cand, _mm512_set1_epi32(1)), mid);
-      idx = _mm512_mask_mov_epi32(idx, _mm512_cmp_ps_mask(s, m, _CMP_GT_OQ), cand);
-    }
-    const __m512i pairs = _mm512_or_si512(_mm512_slli_epi64(idx, 4), _mm512_srli_epi64(idx, 32));
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i / 2), _mm512_cvtepi64_epi8(pairs));
-  }
-#endif
-  // Scalar tail (the whole block without AVX-512): count midpoints, then pack.
-  const int64_t packed_until = i;
-  for (; i < len; ++i) {
-    const float s = std::min(std::max(full ? v[i] * inv : v[i] / safe, -1.0f), 1.0f);
-    uint8_t c = 0;
-    for (int j = 0; j < 15; ++j) c += s > kMid.m[j];
-    codes[i] = c;
-  }
-  if (len % 2) codes[len] = kNF4ZeroIndex;
-  for (int64_t j = packed_until / 2; j < (len + 1) / 2; ++j)
-    out[j] = static_cast<uint8_t>((codes[2 * j] << 4) | codes[2 * j + 1]);
-}
-
 template <typename T>
 int64_t quantize_4bit(const T* x, int64_t n, int64_t blocksize, uint8_t* packed, float* absmax) {
+  const IsaKernels& isa = kernels();
   const int64_t nblocks = (n + blocksize - 1) / blocksize;
   std::atomic<int64_t> nonfinite{0};
   // ~64K elements per task: large enough to amortise the thread start-up.
   const int64_t grain = std::max<int64_t>(1, 65536 / blocksize);
   at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
     std::vector<float> buf(blocksize);
-    std::vector<uint8_t> codes(blocksize + 1);
     int64_t bad = 0;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b * blocksize;
       const int64_t len = std::min(blocksize, n - start);
       load_fp32(x + start, buf.data(), len);
-      const float amax = block_absmax(buf.data(), len, bad);
+      const float amax = isa.block_absmax(buf.data(), len, &bad);
       absmax[b] = amax;
-      quantize_block(buf.data(), len, amax, len == blocksize, codes.data(), packed + start / 2);
+      isa.quantize_block(buf.data(), len, amax, len == blocksize, packed + start / 2);
     }
     nonfinite += bad;
   });
@@ -251,66 +208,30 @@ void quantize_nested(const float* absmax, int64_t n, float offset, const float* 
 // Dequantize
 // ---------------------------------------------------------------------------------------
 
-#ifdef FASTLLM_AVX512
-// 16 packed bytes -> the 32 code indices in element order (high nibble first), as two
-// vectors of 16 int32 lanes, ready for a 16-entry permute lookup.
-inline void unpack32(const uint8_t* p, __m512i& idx_lo, __m512i& idx_hi) {
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-  const __m128i lo = _mm_and_si128(bytes, mask);
-  idx_lo = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo));  // elements 0..15
-  idx_hi = _mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo));  // elements 16..31
-}
-
-inline void store16(float* dst, __m512i /*unused*/, __m512 v) { _mm512_storeu_ps(dst, v); }
-
-inline void store16(c10::BFloat16* dst, __m512i bits, __m512 /*v*/) {
-  // Round to nearest even on the integer bits, then keep the high halves.
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(r));
-}
-
-inline void store16(c10::Half* dst, __m512i /*bits*/, __m512 v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-}
-#endif
-
-// out[i] = (T) (code[nibble_i] * scale[block]) for the elements of one block.
+// A block takes only 16 distinct values, (T) (code[c] * scale) computed in fp32 and rounded once
+// (round to nearest even, as Tensor.to); the ISA kernel then looks each nibble up in that table.
 template <typename T>
-void dequantize_block(const uint8_t* p, int64_t len, float scale, T* out) {
-  int64_t i = 0;
-#ifdef FASTLLM_AVX512
-  // Scale the 16-entry table once per block (code * scale, one rounding, as the
-  // reference does); each value is then a single permute of the scaled table.
-  const __m512 table = _mm512_mul_ps(_mm512_loadu_ps(kNF4Code), _mm512_set1_ps(scale));
-  for (; i + 32 <= len; i += 32) {
-    __m512i lo, hi;
-    unpack32(p + i / 2, lo, hi);
-    const __m512 v0 = _mm512_permutexvar_ps(lo, table);
-    const __m512 v1 = _mm512_permutexvar_ps(hi, table);
-    store16(out + i, _mm512_castps_si512(v0), v0);
-    store16(out + i + 16, _mm512_castps_si512(v1), v1);
-  }
-#endif
-  float tmp[2];
-  for (; i < len; i += 2) {
-    const uint8_t byte = p[i / 2];
-    tmp[0] = kNF4Code[byte >> 4] * scale;
-    tmp[1] = kNF4Code[byte & 0x0F] * scale;
-    store_from_fp32(tmp, out + i, std::min<int64_t>(2, len - i));
+void dequantize_block(const IsaKernels& isa, const uint8_t* p, int64_t len, float scale, T* out) {
+  if constexpr (std::is_same_v<T, float>) {
+    float table[16];
+    for (int c = 0; c < 16; ++c) table[c] = kNF4Code[c] * scale;
+    isa.lookup_f32(p, len, table, out);
+  } else {
+    uint16_t table[16];
+    for (int c = 0; c < 16; ++c) table[c] = static_cast<T>(kNF4Code[c] * scale).x;
+    isa.lookup_u16(p, len, table, reinterpret_cast<uint16_t*>(out));
   }
 }
 
 template <typename T>
 void dequantize_all(const uint8_t* packed, const float* scales, int64_t n, int64_t blocksize, T* out) {
+  const IsaKernels& isa = kernels();
   const int64_t nblocks = (n + blocksize - 1) / blocksize;
   const int64_t grain = std::max<int64_t>(1, 65536 / blocksize);
   at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b * blocksize;
-      dequantize_block(packed + start / 2, std::min(blocksize, n - start), scales[b], out + start);
+      dequantize_block(isa, packed + start / 2, std::min(blocksize, n - start), scales[b], out + start);
     }
   });
 }
@@ -319,157 +240,14 @@ void dequantize_all(const uint8_t* packed, const float* scales, int64_t n, int64
 // GEMV: y[m, n] = sum_k x[m, k] * W[n, k] for small M
 // ---------------------------------------------------------------------------------------
 
-// MT rows of y (x with row stride ldx) for output features [n0, n1). Each packed byte of W
-// is read once and dequantized in registers (the per-block scaled table trick of
-// dequantize_block), then multiplied into all MT rows of x with fp32 accumulation.
-template <int MT>
-void gemv_rows(const float* x, int64_t ldx, int64_t K, const uint8_t* packed, const float* scales, int64_t blocksize,
-               int64_t n0, int64_t n1, float* y, int64_t N) {
-  const int64_t blocks_per_row = K / blocksize;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wrow = packed + n * (K / 2);
-    const float* srow = scales + n * blocks_per_row;
-#ifdef FASTLLM_AVX512
-    // Two accumulators per row of x halve the FMA dependency chain when MT is small;
-    // with more rows the rows themselves give enough independent chains.
-    constexpr int NA = MT <= 4 ? 2 : 1;
-    __m512 acc[NA][MT];
-#pragma GCC unroll 16
-    for (int m = 0; m < MT; ++m) acc[0][m] = acc[NA - 1][m] = _mm512_setzero_ps();
-    const __m512 code = _mm512_loadu_ps(kNF4Code);
-    for (int64_t b = 0; b < blocks_per_row; ++b) {
-      const __m512 table = _mm512_mul_ps(code, _mm512_set1_ps(srow[b]));
-      for (int64_t k = b * blocksize; k < (b + 1) * blocksize; k += 32) {
-        __m512i lo, hi;
-        unpack32(wrow + k / 2, lo, hi);
-        const __m512 w0 = _mm512_permutexvar_ps(lo, table);
-        const __m512 w1 = _mm512_permutexvar_ps(hi, table);
-#pragma GCC unroll 16
-        for (int m = 0; m < MT; ++m) {
-          const float* xr = x + m * ldx + k;
-          acc[0][m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), acc[0][m]);
-          acc[NA - 1][m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), acc[NA - 1][m]);
-        }
-      }
-    }
-#pragma GCC unroll 16
-    for (int m = 0; m < MT; ++m) {
-      __m512 sum = acc[0][m];
-      if (NA == 2) sum = _mm512_add_ps(sum, acc[NA - 1][m]);
-      y[m * N + n] = _mm512_reduce_add_ps(sum);
-    }
-#else
-    float acc[MT] = {};
-    for (int64_t b = 0; b < blocks_per_row; ++b) {
-      float table[16];
-      for (int c = 0; c < 16; ++c) table[c] = kNF4Code[c] * srow[b];
-      for (int64_t k = b * blocksize; k < (b + 1) * blocksize; k += 2) {
-        const uint8_t byte = wrow[k / 2];
-        const float w0 = table[byte >> 4];
-        const float w1 = table[byte & 0x0F];
-        for (int m = 0; m < MT; ++m) acc[m] += w0 * x[m * ldx + k] + w1 * x[m * ldx + k + 1];
-      }
-    }
-    for (int m = 0; m < MT; ++m) y[m * N + n] = acc[m];
-#endif
-  }
-}
-
-#if defined(FASTLLM_AVX512) && defined(__AVX512BF16__)
-#define FASTLLM_AVX512_BF16 1
-// The bf16 version for bf16 x (the dense path's semantics: W dequantized to bf16, then a
-// bf16 matmul with fp32 accumulation). Each block's 16-entry table code * scale is rounded
-// to bf16 once; 16 packed bytes become 32 bf16 weights with one 16-bit permute, and one
-// dot-product instruction (pairs of bf16 products summed into fp32 lanes) per row of x
-// replaces two fp32 FMAs.
-template <int MT>
-void gemv_rows_bf16(const c10::BFloat16* x, int64_t ldx, int64_t K, const uint8_t* packed, const float* scales,
-                    int64_t blocksize, int64_t n0, int64_t n1, float* y, int64_t N) {
-  const int64_t blocks_per_row = K / blocksize;
-  constexpr int NA = MT <= 4 ? 2 : 1;  // as in gemv_rows: two chains per row when MT is small
-  const __m512 code = _mm512_loadu_ps(kNF4Code);
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wrow = packed + n * (K / 2);
-    const float* srow = scales + n * blocks_per_row;
-    __m512 acc[NA][MT];
-#pragma GCC unroll 16
-    for (int m = 0; m < MT; ++m) acc[0][m] = acc[NA - 1][m] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < blocks_per_row; ++b) {
-      // Scaled table in fp32, rounded to bf16 (nearest even) into the 16-bit lanes 0..15.
-      const __m512i bits = _mm512_castps_si512(_mm512_mul_ps(code, _mm512_set1_ps(srow[b])));
-      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-      const __m512i rounded =
-          _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-      const __m512i table = _mm512_castsi256_si512(_mm512_cvtepi32_epi16(rounded));
-      // 32 weights into the accumulator set `a`: 16 bytes -> 32 nibble indices in element
-      // order (high nibble first) -> 32 bf16 by one permute -> one dot product per row.
-      auto step = [&](int64_t k, __m512(&a)[MT]) __attribute__((always_inline)) {
-        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wrow + k / 2));
-        const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-        const __m128i lo = _mm_and_si128(bytes, mask);
-        const __m256i idx8 = _mm256_set_m128i(_mm_unpackhi_epi8(hi, lo), _mm_unpacklo_epi8(hi, lo));
-        const __m512bh w = (__m512bh)_mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(idx8), table);
-#pragma GCC unroll 16
-        for (int m = 0; m < MT; ++m) a[m] = _mm512_dpbf16_ps(a[m], (__m512bh)_mm512_loadu_si512(x + m * ldx + k), w);
-      };
-      const int64_t kend = (b + 1) * blocksize;
-      int64_t k = b * blocksize;
-      for (; k + 64 <= kend; k += 64) {
-        step(k, acc[0]);
-        step(k + 32, acc[NA - 1]);
-      }
-      if (k < kend) step(k, acc[0]);
-    }
-#pragma GCC unroll 16
-    for (int m = 0; m < MT; ++m) {
-      __m512 sum = acc[0][m];
-      if (NA == 2) sum = _mm512_add_ps(sum, acc[NA - 1][m]);
-      y[m * N + n] = _mm512_reduce_add_ps(sum);
-    }
-  }
-}
-#endif
-
-template <typename XT>
-using GemvFn = void (*)(const XT*, int64_t, int64_t, const uint8_t*, const float*, int64_t, int64_t, int64_t, float*,
-                        int64_t);
-
-// The row kernels for MT = 1 .. 8 rows of x, indexed by MT - 1 (more rows spill registers).
-constexpr int kGemvMaxRows = 8;
-// Output features per tile: a tile of W (kGemvTileN rows, K / 2 bytes each) is streamed from
-// memory once and stays in cache while every chunk of 8 rows of x passes over it.
-constexpr int64_t kGemvTileN = 16;
-
-template <int... Ms>
-constexpr std::array<GemvFn<float>, sizeof...(Ms)> gemv_table(std::integer_sequence<int, Ms...>) {
-  return {&gemv_rows<Ms + 1>...};
-}
-constexpr auto kGemvFns = gemv_table(std::make_integer_sequence<int, kGemvMaxRows>{});
-
-#ifdef FASTLLM_AVX512_BF16
-template <int... Ms>
-constexpr std::array<GemvFn<c10::BFloat16>, sizeof...(Ms)> gemv_table_bf16(std::integer_sequence<int, Ms...>) {
-  return {&gemv_rows_bf16<Ms + 1>...};
-}
-constexpr auto kGemvFnsBF16 = gemv_table_bf16(std::make_integer_sequence<int, kGemvMaxRows>{});
-#endif
-
-// y (M, N) fp32 from x (M, K) held with row stride ldx. Split over output features; for each
-// tile of W, every chunk of up to 8 rows of x makes one pass over it (from cache after the
-// first), so W is read from memory once whatever M is.
-template <typename XT, size_t R>
-void gemv_driver(const std::array<GemvFn<XT>, R>& fns, const XT* x, int64_t ldx, int64_t M, int64_t K,
-                 const uint8_t* packed, const float* scales, int64_t blocksize, int64_t N, float* y) {
+// y (M, N) fp32 from x (M, K) fp32 held with row stride ldx, split over output features (the ISA
+// kernel tiles W so that each tile is read from memory once for all rows of x).
+void gemv_driver(const float* x, int64_t ldx, int64_t M, int64_t K, const uint8_t* packed, const float* scales,
+                 int64_t blocksize, bool bf16_weights, int64_t N, float* y) {
+  const IsaKernels& isa = kernels();
   const int64_t grain = std::max<int64_t>(kGemvTileN, 32768 / std::max<int64_t>(K, 1));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    for (int64_t t0 = n0; t0 < n1; t0 += kGemvTileN) {
-      const int64_t t1 = std::min(n1, t0 + kGemvTileN);
-      for (int64_t m0 = 0; m0 < M; m0 += kGemvMaxRows) {
-        const int64_t mt = std::min<int64_t>(kGemvMaxRows, M - m0);
-        fns[mt - 1](x + m0 * ldx, ldx, K, packed, scales, blocksize, t0, t1, y + m0 * N, N);
-      }
-    }
+    isa.gemv(x, ldx, M, K, packed, scales, blocksize, bf16_weights, n0, n1, y, N);
   });
 }
 
@@ -550,24 +328,19 @@ at::Tensor nf4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Ten
   const at::Tensor p = packed.contiguous();
   const at::Tensor s = scales.contiguous();
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  // x is copied with rows padded by 64 bytes: rows K * itemsize apart (a multiple of 4 KiB
-  // for the usual K) would all map to the same L1 cache sets and evict each other.
-#ifdef FASTLLM_AVX512_BF16
-  if (x.scalar_type() == at::kBFloat16) {
-    const int64_t ldx = K + 32;
-    at::Tensor xb = at::empty({M, ldx}, x.options());
-    xb.narrow(1, 0, K).copy_(x);
-    gemv_driver(kGemvFnsBF16, xb.const_data_ptr<c10::BFloat16>(), ldx, M, K, p.const_data_ptr<uint8_t>(),
-                s.const_data_ptr<float>(), blocksize, N, y.mutable_data_ptr<float>());
-    return y.to(at::kBFloat16);
-  }
-#endif
+  // x is widened to fp32 (exactly) into rows padded by 64 bytes: rows K * 4 bytes apart (a multiple
+  // of 4 KiB for the usual K) would all map to the same L1 cache sets and evict each other. For
+  // bf16 x the weights are rounded to bf16 (as a dense bf16 matmul of the dequantized weight has
+  // them); each bf16 x bf16 product is exact in fp32.
   const int64_t ldx = K + 16;
   at::Tensor xf = at::empty({M, ldx}, x.options().dtype(at::kFloat));
   xf.narrow(1, 0, K).copy_(x);
-  gemv_driver(kGemvFns, xf.const_data_ptr<float>(), ldx, M, K, p.const_data_ptr<uint8_t>(), s.const_data_ptr<float>(),
-              blocksize, N, y.mutable_data_ptr<float>());
+  gemv_driver(xf.const_data_ptr<float>(), ldx, M, K, p.const_data_ptr<uint8_t>(), s.const_data_ptr<float>(), blocksize,
+              x.scalar_type() == at::kBFloat16, N, y.mutable_data_ptr<float>());
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
 }  // namespace fastllm::cpu
+
+// fastllm::cpu_isa() -> str: the CPU kernel variant this process runs ("avx512", "avx2" or "scalar").
+TORCH_LIBRARY_FRAGMENT(fastllm, m) { m.def("cpu_isa() -> str", &fastllm::cpu::cpu_isa); }

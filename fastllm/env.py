@@ -2,8 +2,8 @@
 
 Versions (python, torch, triton, bitsandbytes, ...), the devices, whether the C++
 extension ``fastllm._C`` is loaded (and why not), which of its ops have CPU / CUDA
-kernels, whether Triton can run (a GPU, or ``TRITON_INTERPRET=1`` on the CPU) and which
-NF4-matmul and attention path each device takes.
+kernels, which instruction set the CPU kernels use (AVX-512, AVX2 or scalar), whether Triton
+can run (a GPU, or ``TRITON_INTERPRET=1`` on the CPU) and which NF4-matmul and attention path each device takes.
 """
 
 from __future__ import annotations
@@ -42,6 +42,16 @@ def _device_name(device: torch.device) -> str:
     )
 
 
+def _cpu_isa() -> str:
+    # The instruction-set variant of the C++ CPU kernels (FASTLLM_CPU_ISA forces one), or why none runs.
+    forced = os.environ.get("FASTLLM_CPU_ISA")
+    try:
+        isa = torch.ops.fastllm.cpu_isa()
+    except (AttributeError, RuntimeError, ValueError) as exc:  # no such op (old build), or a bad FASTLLM_CPU_ISA
+        return f"unavailable: {exc}"
+    return f"{isa} (forced by FASTLLM_CPU_ISA)" if forced else f"{isa} (the best this CPU runs)"
+
+
 def _matmul_path(device: torch.device) -> str:
     if uses_triton(device):
         return "Triton fused dequantize-matmul" + (" (interpreter)" if device.type == "cpu" else "")
@@ -68,6 +78,7 @@ def report() -> str:
     lines.append("")
     if _backend.extension_loaded():
         lines.append(f"fastllm._C    loaded (CUDA kernels {'built' if _backend.cuda_built() else 'not built'})")
+        lines.append(f"  CPU kernels  {_cpu_isa()}")
     else:
         lines.append(f"fastllm._C    not loaded: {_backend.extension_error()}")
     for op in _backend.EXTENSION_OPS:

@@ -5,13 +5,21 @@
 """
 
 if __name__ != "fastllm.kernels":
-    # This folder installs as fastllm.kernels. With the repository root on sys.path it is also
-    # reachable as a top-level ``kernels``, a name that belongs to another PyPI package which
-    # bitsandbytes tries to import; loading it twice would register every torch.library op and
-    # Triton kernel a second time. Refuse, so bitsandbytes falls back as if it were absent.
-    raise ImportError(f"fastllm's kernels/ folder must be imported as fastllm.kernels, not as {__name__!r}")
+    # This folder installs as fastllm.kernels. With the repository root on sys.path (``python -m pytest``, a
+    # notebook started in the clone) it is also found as a top-level ``kernels``: the name of another PyPI
+    # package, which transformers (``is_kernels_available``: find_spec, then import_module when no metadata
+    # names a version) and bitsandbytes (``from kernels import get_kernel``) probe for. Loading this folder
+    # under that name would register every torch.library op and Triton kernel a second time, and raising
+    # here would escape transformers' probe and break ``import transformers``. So the folder answers as an
+    # absent package: it puts None in sys.modules (Python's marker for "import blocked") and runs nothing.
+    # The import in progress then yields None, which transformers reads as "not installed" (no __file__, no
+    # __version__) and bitsandbytes' ``from kernels import ...`` turns into an ImportError it catches; every
+    # later ``import kernels`` raises ModuleNotFoundError and ``importlib.util.find_spec("kernels")`` is None.
+    import sys
 
-from .attention import attention, attention_varlen
-from .nf4_api import nf4_dequantize, nf4_matmul, nf4_matmul_t
+    sys.modules[__name__] = None
+else:
+    from .attention import attention, attention_varlen
+    from .nf4_api import nf4_dequantize, nf4_matmul, nf4_matmul_t
 
-__all__ = ["attention", "attention_varlen", "nf4_matmul", "nf4_matmul_t", "nf4_dequantize"]
+    __all__ = ["attention", "attention_varlen", "nf4_matmul", "nf4_matmul_t", "nf4_dequantize"]

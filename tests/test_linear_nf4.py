@@ -222,7 +222,14 @@ def _with_record(sd: dict, **changes) -> dict:
     return {**sd, RECORD: _record_bytes(record)}
 
 
-_DROP = object()
+class _Drop:
+    """Marks a field to remove from the record (a stable repr keeps test ids equal across xdist workers)."""
+
+    def __repr__(self) -> str:
+        return "DROP"
+
+
+_DROP = _Drop()
 
 # (change to the JSON record, the field or phrase the error must name)
 _BAD_RECORDS = [

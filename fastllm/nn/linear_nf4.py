@@ -10,6 +10,10 @@ Storage (chosen for FSDP2, which shards every ``nn.Parameter`` along dim 0 and l
 
 ``state_dict()`` holds exactly the keys, shapes, dtypes and bytes of a bitsandbytes ``Linear4bit``
 (``quant_type="nf4"``, uint8 storage) with the same weight, and ``load_state_dict`` accepts one.
+Under FSDP2 (DTensor parameters) ``state_dict()`` holds dim-0 shards of those tensors (the packed
+weight is gathered whole when its rows are split unevenly over the ranks), and ``load_state_dict``
+takes whole tensors or shards and writes into the sharded parameters in place (collective: call both
+on every rank).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from torch import nn
 
 from fastllm.kernels import nf4_matmul, nf4_matmul_t
 from fastllm.nf4 import BNB_QUANT_STATE_KEY, NF4Weight, quantize
+from fastllm.nn._dtensor import copy_full_, flatten, full_tensor, is_dtensor
 from fastllm.nn.nf4_state import QuantStateRecord, checked_bias, checked_weight
 
 # Quantization statistics: they keep their dtype through Module.to(dtype) / .half() / .bfloat16().
@@ -154,7 +159,18 @@ class LinearNF4(nn.Module):
     # -- bitsandbytes-compatible state dict -------------------------------------------------------
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        bnb = self.nf4_weight().to_bnb_state_dict(prefix + "weight")
+        # nf4_weight() with the packed bytes flattened by _dtensor.flatten: under FSDP2 uneven row shards
+        # cannot be viewed flat and are gathered.
+        w = NF4Weight(
+            flatten(self.weight),
+            self.absmax,
+            self.blocksize,
+            torch.Size((self.out_features, self.in_features)),
+            self.weight_dtype,
+            self.nested_absmax,
+            self.offset,
+        )
+        bnb = w.to_bnb_state_dict(prefix + "weight")
         destination[prefix + "weight"] = bnb.pop(prefix + "weight")
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias
@@ -174,7 +190,8 @@ class LinearNF4(nn.Module):
         unexpected_keys: list,
         error_msgs: list,
     ) -> None:
-        ours = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        # Shards (a sharded state dict loaded into an FSDP2 model) are checked and applied whole.
+        ours = {k[len(prefix) :]: full_tensor(v) for k, v in state_dict.items() if k.startswith(prefix)}
         record = f"weight.{BNB_QUANT_STATE_KEY}"
         required = ["weight", "weight.absmax", "weight.quant_map", record] + (["bias"] if self.bias is not None else [])
         missing = [k for k in required if k not in ours]
@@ -184,20 +201,28 @@ class LinearNF4(nn.Module):
         if missing:
             return
         # Everything is checked before the layer changes; errors name the key (ValueError / TypeError).
+        whole = {prefix + k: v for k, v in ours.items()}
         assign = local_metadata.get("assign_to_params_buffers", False)
-        w = checked_weight(state_dict, prefix, lambda record, key: self._check_record(record, key, assign))
-        bias = None if self.bias is None else checked_bias(state_dict, prefix + "bias", self.out_features)
+        w = checked_weight(whole, prefix, lambda record, key: self._check_record(record, key, assign))
+        bias = None if self.bias is None else checked_bias(whole, prefix + "bias", self.out_features)
         if not assign and self.weight.is_meta:
             raise ValueError(
                 f"{prefix}weight: this layer is on the meta device; load with load_state_dict(..., assign=True)"
             )
-        self._set_weight(w if assign else w.to(self.weight.device))
+        if is_dtensor(self.weight):
+            if assign:
+                raise ValueError(
+                    f"{prefix}weight: assign=True would replace the parameters FSDP2 shards (its next all-gather "
+                    "would undo it); load the state dict before fully_shard, or without assign"
+                )
+            self._copy_into_shards(w)
+        else:
+            self._set_weight(w if assign else w.to(self.weight.device))
         if bias is not None:
             if assign:
                 self.bias = _frozen(bias.detach())
             else:
-                with torch.no_grad():
-                    self.bias.copy_(bias)
+                copy_full_(self.bias, bias)
 
     def _check_record(self, record: QuantStateRecord, key: str, assign: bool) -> None:
         # The weight's shape must be this layer's. Its format must be too: loading keeps the layer's format (as
@@ -215,6 +240,15 @@ class LinearNF4(nn.Module):
                 f"layer's {ours}; loading would silently change the layer's format. Build the layer in the state "
                 "dict's format, or pass assign=True to load_state_dict to adopt it"
             )
+
+    def _copy_into_shards(self, w: NF4Weight) -> None:
+        # FSDP2 holds the sharded parameters: replacing them would be undone by its next all-gather, so the new
+        # bytes go into them in place (the format was checked equal to the layer's by _check_record).
+        copy_full_(self.weight, w.data.reshape(self.weight.shape))
+        copy_full_(self.absmax, w.absmax)
+        for name in ("nested_absmax", "offset"):
+            if getattr(self, name) is not None:
+                copy_full_(getattr(self, name), getattr(w, name).reshape(getattr(self, name).shape))
 
     # -- keep the statistics' dtype under Module.to(dtype) -----------------------------------------
 
