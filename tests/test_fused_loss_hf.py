@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers as T
 from _metrics import rel_err
-from _tiny_models import VOCAB, make_batch, make_model
+from _tiny_models import VOCAB, make_batch, make_model, tiny_config
 from torch import nn
 
-from fastllm import LinearNF4, prepare_qlora
+from fastllm import LinearNF4, LoraLinear, prepare_qlora
 from fastllm.integrations.loss import remove_fused_loss, use_fused_loss
 
 ARCHS = ("llama", "gemma2", "gpt2", "llava")
-# Gemma 2 with a small cap, so the softcapping visibly changes the loss of the tiny model's small logits.
-OVERRIDES = {"gemma2": {"final_logit_softcapping": 0.3}}
+# Gemma 2 with a small cap and larger weights, so the softcapping visibly changes the loss.
+OVERRIDES = {"gemma2": {"final_logit_softcapping": 1.0, "initializer_range": 0.3}}
 
 
 def qlora_model(arch: str, device) -> nn.Module:
@@ -86,7 +87,7 @@ def test_gemma2_softcap_is_applied(device):
     use_fused_loss(model)
     with torch.no_grad():
         capped = model(**batch).loss
-    assert model._fastllm_fused_loss.softcap == pytest.approx(0.3)
+    assert model._fastllm_fused_loss.softcap == pytest.approx(1.0)
     remove_fused_loss(model)
     model.config.final_logit_softcapping = None
     with torch.no_grad():
@@ -121,22 +122,31 @@ def test_nf4_head(device):
 
 
 def test_refuses_what_it_cannot_reproduce(device):
+    """A replaced loss_function is refused at the call; a LoRA-adapted head when use_fused_loss is applied."""
     model = make_model("llama").to(device)
     batch = batch_for("llama", device)
     model.loss_function = lambda logits, labels, vocab_size, **kwargs: logits.sum()
     use_fused_loss(model)
     with pytest.raises(ValueError, match="loss_function"):
         model(**batch)
-    lora_head = prepare_qlora(make_model("llama"), r=4, target_modules=["lm_head", "q_proj"], progress=False)
+    model = make_model("llama")
+    model.lm_head = LoraLinear.from_linear(model.lm_head, 4, 8)
     with pytest.raises(TypeError, match="output embeddings"):
-        use_fused_loss(lora_head)
+        use_fused_loss(model)
 
 
-def test_refuses_unknown_logit_processing(device, monkeypatch):
-    """A model that scales its logits after the head (not a softcap) is refused, not trained on a different loss."""
-    model = make_model("llama").to(device)
-    forward = model.lm_head.forward
-    model.lm_head.forward = lambda x: forward(x) * 2.0
+class _ScaledLlama(T.LlamaForCausalLM):
+    """A model that doubles its logits after the head (a processing the fused loss does not reproduce)."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 2.0
+        return out
+
+
+def test_refuses_unknown_logit_processing(device):
+    """Logits changed after the head other than by a softcap: refused, not trained on a different loss."""
+    model = _ScaledLlama._from_config(tiny_config("llama")).to(device)
     use_fused_loss(model)
     with pytest.raises(ValueError, match="changes its logits"):
         model(**batch_for("llama", device))

@@ -131,11 +131,10 @@ def use_fused_loss(model: nn.Module) -> nn.Module:
     @functools.wraps(forward)
     def fused_forward(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
-        labels = bound.arguments.get("labels")
+        labels = _take_labels(bound)
         if labels is None:
             return forward(*args, **kwargs)
         _check_loss_function(target)
-        bound.arguments["labels"] = None
         extra = bound.kwargs
         return_dict = extra.pop("return_dict", None)
         state.recording, state.hidden = True, None
@@ -156,6 +155,16 @@ def use_fused_loss(model: nn.Module) -> nn.Module:
     head.forward = recording_head
     target._fastllm_fused_loss = state
     return model
+
+
+def _take_labels(bound: inspect.BoundArguments) -> torch.Tensor | None:
+    """The ``labels`` argument (named, or in the ``**kwargs`` of forward(*args, **kwargs)), set to None in ``bound``."""
+    params = bound.signature.parameters
+    if "labels" in params:
+        labels, bound.arguments["labels"] = bound.arguments.get("labels"), None
+        return labels
+    var_kw = next((p.name for p in params.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+    return bound.arguments.get(var_kw, {}).pop("labels", None) if var_kw else None
 
 
 def _check_loss_function(model: nn.Module) -> None:
