@@ -23,9 +23,10 @@ from fastllm.ops import linear_cross_entropy as ops
 from ._config import INTERPRET
 from .nf4_dequant import check_weight
 
-# Vocabulary entries per block of the row pass, and warps per row program (GPU); the interpreter takes small blocks
-# so tests cross several blocks. Every config compiles for sm_90 without spills (tests/test_gpu_compile.py).
-ROW_BLOCK_V, ROW_WARPS = (128, 1) if INTERPRET else (4096, 8)
+# (vocabulary entries per block of the row pass, warps per row program). The interpreter takes small blocks so tests
+# cross several of them. The GPU config compiles for sm_90 without register spills (tests/test_gpu_compile.py).
+GPU_ROW_CONFIG = (4096, 8)
+ROW_BLOCK_V, ROW_WARPS = (128, 1) if INTERPRET else GPU_ROW_CONFIG
 _LOG2E = tl.constexpr(1.4426950408889634)
 
 

@@ -16,7 +16,7 @@ import json
 import pytest
 from _triton_compile import SM90_SHARED_LIMIT, KernelSpec, compile_for_gpu, python_without_interpreter
 
-from fastllm.kernels import attention_bwd, attention_fwd
+from fastllm.kernels import attention_bwd, attention_fwd, cross_entropy_fused
 
 # fastllm.kernels re-exports the function nf4_matmul under the module's name
 nf4_matmul = importlib.import_module("fastllm.kernels.nf4_matmul")
@@ -106,7 +106,21 @@ def nf4_specs() -> list[KernelSpec]:
     return specs
 
 
-SPECS = attention_specs() + nf4_specs()
+def cross_entropy_specs() -> list[KernelSpec]:
+    """The fused linear cross-entropy's row pass over 16-bit and fp32 logits, plain and with every option."""
+    block_v, warps = cross_entropy_fused.GPU_ROW_CONFIG
+    kernel = "fastllm.kernels.cross_entropy_fused:_rows_kernel"
+    specs = []
+    for dtype in ("bf16", "fp16", "fp32"):
+        types = {"logits_ptr": f"*{dtype}", "labels_ptr": "*i64", "scale_ptr": "*fp32", "losses_ptr": "*fp32",
+                 "smoothing": "fp32", "cap": "fp32"}  # fmt: skip
+        for name, on, grad in (("loss-only", False, False), ("grad", False, True), ("all-options", True, True)):
+            flags = {"HAS_SCALE": on, "SOFTCAP": on, "SMOOTHING": on, "GRAD": grad, "BLOCK_V": block_v}
+            specs.append(KernelSpec(f"cross-entropy-rows-{name}-{dtype}", kernel, types, flags, warps, 3))
+    return specs
+
+
+SPECS = attention_specs() + nf4_specs() + cross_entropy_specs()
 
 
 @pytest.fixture(scope="module")
