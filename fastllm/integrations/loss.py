@@ -105,6 +105,8 @@ def use_fused_loss(model: nn.Module) -> nn.Module:
     With ``labels``, the returned output has ``loss`` as transformers computes it (label shift, ``ignore_index``,
     ``shift_labels``, ``num_items_in_batch``) but **``logits`` is None**: the (B, S, V) logits are never formed.
     Without labels the model behaves exactly as before (logits returned). Every other output field is unchanged.
+    An evaluation that needs logits with labels (``Trainer`` with ``compute_metrics``) must run without the fused
+    loss (``prediction_loss_only=True``, or :func:`remove_fused_loss` first).
     A model whose ``loss_function`` was replaced, or that transforms its logits in any way other than a final
     softcapping, raises ValueError instead of training on a different loss. Undo with :func:`remove_fused_loss`.
 
@@ -147,8 +149,9 @@ def use_fused_loss(model: nn.Module) -> nn.Module:
             raise ValueError(f"use_fused_loss: {type(target).__name__}.forward did not call its output embeddings")
         if not state.checked:
             state.softcap, state.checked = _softcap_of(target, out.logits), True
-        out.loss = _loss(head, hidden, labels, extra, state.softcap)
-        out.logits = None
+        loss = _loss(head, hidden, labels, extra, state.softcap)
+        # A new output of the same class: loss first, logits left out (as a ModelOutput leaves out None fields).
+        out = type(out)(**{**out, "loss": loss, "logits": None})
         return out.to_tuple() if return_dict is False else out
 
     target.forward = fused_forward
