@@ -84,8 +84,13 @@ def build_model(provider: str, dims: dict[str, int], tokens: int, device: torch.
         liger.apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True)
     config = transformers.LlamaConfig(**dims, max_position_embeddings=tokens, attn_implementation=attn)
     torch.manual_seed(0)
-    with torch.device(device):
-        model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16 directly (an 8B model never exists in fp32)
+    try:
+        with torch.device(device):
+            model = transformers.LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
     model = _adapt(model, "peft+bnb" if provider.startswith("liger") else provider, LLAMA_TARGETS, 16)
     if provider == "fastllm":
         from fastllm.integrations.loss import use_fused_loss

@@ -164,6 +164,21 @@ def test_no_grad_forms_no_gradient(device, monkeypatch):
     assert seen == [(False, False, False)]
 
 
+def test_logits_are_formed_in_chunks(device, monkeypatch):
+    """No (T, V) logits: forward and backward form them 16 rows at a time (the chunk size set above)."""
+    hidden, weight, labels, _ = make_inputs(device, torch.float32)
+    shapes = []
+    logits = ops._logits
+
+    def spy(h, *args):
+        shapes.append(tuple(h.shape))
+        return logits(h, *args)
+
+    monkeypatch.setattr(ops, "_logits", spy)
+    linear_cross_entropy(hidden.requires_grad_(), weight, labels, reduction="none").sum().backward()
+    assert max(rows for rows, _ in shapes) == 16 and sum(rows for rows, _ in shapes) == 2 * T  # forward + backward
+
+
 @pytest.mark.parametrize("reduce", [True, False])
 def test_opcheck(device, reduce):
     hidden, weight, labels, b = make_inputs(device, torch.float32, bias=True)
