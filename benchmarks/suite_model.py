@@ -3,7 +3,7 @@
 - ``llama train-step``: one full training step (forward with labels, backward, AdamW step) of a Llama-architecture
   causal LM in bf16, LoRA r=16 / alpha=16 on all seven projections, the same random-init weights and the same
   batch for every provider. CPU: hidden 1024, MLP 2816, 4 layers, 16/4 heads, vocab 32000, 1 x 1024 tokens
-  (quick: 2 layers, 512 tokens; the record's shape says which). CUDA: Llama-3-8B (hidden 4096, MLP 14336,
+  (quick: 2 layers, 256 tokens; the record's shape says which). CUDA: Llama-3-8B (hidden 4096, MLP 14336,
   32 layers, 32/8 heads, vocab 128256) at 1 x 8192 tokens.
   Providers: ``fastllm`` (prepare_qlora: NF4 + LoRA, attn_implementation="fastllm", use_fused_loss),
   ``peft+bnb`` (bitsandbytes NF4 Linear4bit + PEFT LoRA, SDPA), ``peft-bf16`` (dense bf16 + PEFT LoRA, SDPA), and
@@ -56,8 +56,8 @@ def model_shape(settings: Settings) -> tuple[dict[str, int], int]:
         return TINY_DIMS, 64
     if settings.cuda:
         return GPU_DIMS, 8192
-    if settings.quick:
-        return {**CPU_DIMS, "num_hidden_layers": 2}, 512
+    if settings.quick:  # a CPU step of the full shape takes tens of seconds; quick keeps the vocabulary
+        return {**CPU_DIMS, "num_hidden_layers": 2}, 256
     return CPU_DIMS, 1024
 
 
