@@ -18,7 +18,7 @@ from tqdm import tqdm
 from benchmarks import environment
 from benchmarks.harness import METRICS, Case, Settings, Skip, Timing, synchronize, time_ms
 
-SUITES = ("quantize", "nf4_matmul", "attention", "qlora", "load")
+SUITES = ("quantize", "nf4_matmul", "attention", "qlora", "load", "model")
 
 # Every record has these keys; "ok" rows carry numbers, other rows a reason and None numbers.
 RECORD_FIELDS = (

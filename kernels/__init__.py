@@ -2,6 +2,7 @@
 
 - ``nf4_matmul`` / ``nf4_matmul_t`` / ``nf4_dequantize``: NF4 weights dequantized in registers.
 - ``attention`` / ``attention_varlen``: fused flash attention, forward and backward.
+- ``linear_cross_entropy``: cross-entropy of ``hidden @ weight.T`` (dense or NF4) without the (T, V) logits.
 """
 
 if __name__ != "fastllm.kernels":
@@ -20,6 +21,14 @@ if __name__ != "fastllm.kernels":
     sys.modules[__name__] = None
 else:
     from .attention import attention, attention_varlen
+    from .cross_entropy_fused import linear_cross_entropy
     from .nf4_api import nf4_dequantize, nf4_matmul, nf4_matmul_t
 
-    __all__ = ["attention", "attention_varlen", "nf4_matmul", "nf4_matmul_t", "nf4_dequantize"]
+    __all__ = [
+        "attention",
+        "attention_varlen",
+        "nf4_matmul",
+        "nf4_matmul_t",
+        "nf4_dequantize",
+        "linear_cross_entropy",
+    ]

@@ -24,7 +24,7 @@ import pytest
 import triton
 from _triton_compile import SM90_SHARED_LIMIT, KernelSpec, compile_for_gpu, python_without_interpreter
 
-from fastllm.kernels import attention_bwd, attention_fwd
+from fastllm.kernels import attention_bwd, attention_fwd, cross_entropy_fused
 
 nf4_fused = importlib.import_module("fastllm.kernels.nf4_fused")
 nf4_dense = importlib.import_module("fastllm.kernels.nf4_dense")
@@ -168,10 +168,29 @@ def nf4_entries() -> list[Entry]:
     return entries
 
 
+# ---- fused linear cross-entropy ----------------------------------------------------------------------------
+
+
+def cross_entropy_entries() -> list[Entry]:
+    """The fused linear cross-entropy's row pass over 16-bit and fp32 logits, plain and with every option."""
+    block_v, warps = cross_entropy_fused.GPU_ROW_CONFIG
+    kernel = "fastllm.kernels.cross_entropy_fused:_rows_kernel"
+    entries = []
+    for dtype in ("bf16", "fp16", "fp32"):
+        types = {"logits_ptr": f"*{dtype}", "labels_ptr": "*i64", "scale_ptr": "*fp32", "losses_ptr": "*fp32",
+                 "smoothing": "fp32", "cap": "fp32"}  # fmt: skip
+        for name, on, grad in (("loss-only", False, False), ("grad", False, True), ("all-options", True, True)):
+            flags = {"HAS_SCALE": on, "SOFTCAP": on, "SMOOTHING": on, "GRAD": grad}
+            configs = [({"BLOCK_V": block_v}, warps, 3)]
+            entries.append(Entry(f"cross-entropy-rows-{name}-{dtype}", kernel, types, flags, configs))
+    return entries
+
+
 # ---- every kernel: append the entries of a new kernel here ----------------------------------------------------
 KERNELS: list[Entry] = [
     *attention_entries(),
     *nf4_entries(),
+    *cross_entropy_entries(),
 ]
 
 

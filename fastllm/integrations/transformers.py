@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from fastllm import reference
+from fastllm.integrations.loss import remove_fused_loss, use_fused_loss  # noqa: F401 (re-exported: issue 12)
 from fastllm.kernels.attention import attention, attention_varlen
 
 NAME = "fastllm"

@@ -11,8 +11,10 @@ Layering: this package sits above ``fastllm.nf4`` / ``fastllm._C`` / ``fastllm.r
 
 - :mod:`fastllm.ops.nf4`: quantize_nf4 / decode_scales / dequantize_nf4 / nf4_gemv (C++ schemas; fakes here),
   nf4_dequantize, nf4_matmul, nf4_matmul_t.
+- :mod:`fastllm.ops.linear_cross_entropy`: linear_cross_entropy, linear_cross_entropy_backward (the fused
+  linear + cross-entropy loss; chunked, never the (T, V) logits).
 """
 
-from fastllm.ops import nf4
+from fastllm.ops import linear_cross_entropy, nf4
 
-__all__ = ["nf4"]
+__all__ = ["linear_cross_entropy", "nf4"]
