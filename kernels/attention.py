@@ -19,6 +19,7 @@ from fastllm.ops import attention as ops
 
 from ._config import INTERPRET
 from .attention_bwd import attention_backward
+from .attention_decode import DECODE_MAX_SEQLEN_Q, attention_decode
 from .attention_fwd import AttentionLaunch, attention_forward
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 96, 128, 256)
@@ -127,7 +128,8 @@ def _triton_forward(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, *opti
         dtype = _kernel_dtype(q)
         qp, kp, vp = (_prep(t, dtype) for t in (q, k, v))
         params = _launch(qp, kp, key_padding_mask, cu_seqlens_q, cu_seqlens_k, *options)
-        out, lse = attention_forward(qp, kp, vp, params)
+        decode = not params.varlen and q.shape[2] <= DECODE_MAX_SEQLEN_Q
+        out, lse = (attention_decode if decode else attention_forward)(qp, kp, vp, params)
         return ops.laid_out_like(out, q), lse.contiguous()
 
 
