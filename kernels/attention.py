@@ -89,6 +89,9 @@ def _launch(
     softcap: float,
 ) -> AttentionLaunch:
     varlen = cu_seqlens_q is not None
+    # A window side as wide as the (packed) lengths bounds nothing: -1, so kernel index arithmetic stays in int32.
+    lengths = (q.shape[0], k.shape[0]) if varlen else (q.shape[2], k.shape[2])
+    window_left, window_right = ops.effective_window(window_left, window_right, *lengths)
     return AttentionLaunch(
         batch=cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0],
         group=q.shape[1] // k.shape[1],

@@ -102,7 +102,13 @@ def _kv_for_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[t
     return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), group
 
 
+def _unit_stride(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The fused kernel reads rows as unit-stride along the head dim (strided heads silently give wrong results)."""
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
+
+
 def _sdpa_forward(q, k, v, kpm, scale, left, right):
+    q, k, v = _unit_stride(q, k, v)
     plan = _plan(q, k.shape[2], kpm, left, right)
     kk, vv, _ = _kv_for_kernel(q, k, v)
     out, lse = _flash(q, kk, vv, 0.0, plan.causal, attn_mask=plan.mask, scale=scale)
@@ -113,6 +119,7 @@ def _sdpa_forward(q, k, v, kpm, scale, left, right):
 
 
 def _sdpa_backward(do, q, k, v, out, lse, kpm, scale, left, right):
+    do, q, k, v, out = _unit_stride(do, q, k, v, out)
     plan = _plan(q, k.shape[2], kpm, left, right)
     kk, vv, group = _kv_for_kernel(q, k, v)
     # Rows that see no key have lse = -inf; +inf makes the kernel's recomputed P = exp(s - lse) exactly 0 there, so
@@ -268,6 +275,8 @@ def _(do, q, k, v, *_):
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, kpm, cu_q, cu_k = inputs[:6]
     ctx.options = inputs[6:]
+    # an output nobody used gets None, not zeros: no gradient into lse is the common case (the fused paths)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, *output, kpm, cu_q, cu_k)
 
 
