@@ -34,6 +34,8 @@ from .attention_fwd import (
     seq_bounds,
     seq_strides,
     tile_ptrs,
+    tile_start,
+    two_ranges,
     unmasked_key_range,
     visible,
 )
@@ -71,9 +73,11 @@ def _attention_delta_kernel(
 
 # dK/dV and dQ tile candidates (BLOCK_M, BLOCK_N, num_warps, num_stages), the first one the default; checked on
 # sm_90 with ptxas like the forward's (no spills with every mask option on). The dK/dV kernel keeps K, V, dK and
-# dV tiles of BLOCK_N x D in registers, so wide heads get 8 warps; fp32 inputs get small tiles.
+# dV tiles of BLOCK_N x D in registers, so wide heads get 8 warps; fp32 inputs get small tiles. Its dK += dS^T Q and
+# dV += P^T dO have BLOCK_N rows: BLOCK_N >= 64 lets them run as Hopper wgmma (64-row warpgroup MMAs), so the
+# defaults up to D = 128 have it; at D = 256 every such tile spills, so its list keeps 32-row tiles.
 _DKDV_TILES = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (32, 32, 4, 1)]
-_DKDV_TILES_D128 = [(64, 32, 8, 2), (128, 32, 8, 2), (32, 64, 8, 1), (16, 128, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)]
+_DKDV_TILES_D128 = [(16, 64, 8, 2), (16, 128, 8, 2), (64, 32, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)]
 _DKDV_TILES_D256 = [(32, 32, 8, 1), (64, 32, 8, 2), (16, 32, 8, 1), (16, 32, 4, 1)]
 _DKDV_TILES_FP32 = [(16, 32, 4, 2), (32, 16, 4, 2)]
 _DQ_TILES = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)]
@@ -100,13 +104,15 @@ def dq_tiles(block_d: int, fp32: bool) -> list[Tile]:
 @triton.jit
 def _dkdv_tiles(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, cols, offs_m, offs_d, d_ok,
-    q_len, k_len, kpm_row, qk_scale, cap_scale, window_left, window_right, m_lo, m_hi,
+    q_len, k_len, kpm_row, qk_scale, cap_scale, window_left, window_right, r0, r1, s0, s1,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr, SOFTCAP: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
-    """dK, dV of this key tile from the query tiles [m_lo, m_hi) of one query head. MASKED tiles test every (row,
-    key) pair and the sequence end; unmasked ones lie inside it and see every key of the tile."""
-    for m0 in range(m_lo, m_hi, BLOCK_M):
+    """dK, dV of this key tile from the query tiles of [r0, r1) and [s0, s1) of one query head. MASKED tiles test
+    every (row, key) pair and the sequence end; unmasked ones lie inside it and see every key of the tile."""
+    first, tiles = two_ranges(r0, r1, s0, s1, BLOCK_M)
+    for t in range(0, tiles):
+        m0 = tile_start(t, first, r0, s0, BLOCK_M)
         rows = m0 + offs_m
         row_ok = rows < q_len  # (load masks only: the score tile of an unmasked stage is not masked)
         row_mask = row_ok[:, None] & d_ok[None, :]
@@ -207,18 +213,13 @@ def _attention_dkdv_kernel(
         stat_base = head_offset(b, h, q_start, stride_lb, stride_lh, 1)
         dk, dv = _dkdv_tiles(
             dk, dv, k, v, q_base, do_base, lse_ptr + stat_base, delta_ptr + stat_base, stride_qs, stride_dos,
-            cols, offs_m, offs_d, d_ok, q_len, k_len, kpm_row, qk_scale, cap_scale, window_left, window_right, lo, u,
-            HAS_LEFT, HAS_RIGHT, HAS_KPM, SOFTCAP, PRECISION, BLOCK_M, True,
+            cols, offs_m, offs_d, d_ok, q_len, k_len, kpm_row, qk_scale, cap_scale, window_left, window_right,
+            u, w, w, w, HAS_LEFT, HAS_RIGHT, HAS_KPM, SOFTCAP, PRECISION, BLOCK_M, False,
         )  # fmt: skip
         dk, dv = _dkdv_tiles(
             dk, dv, k, v, q_base, do_base, lse_ptr + stat_base, delta_ptr + stat_base, stride_qs, stride_dos,
-            cols, offs_m, offs_d, d_ok, q_len, k_len, kpm_row, qk_scale, cap_scale, window_left, window_right, u, w,
-            HAS_LEFT, HAS_RIGHT, HAS_KPM, SOFTCAP, PRECISION, BLOCK_M, False,
-        )  # fmt: skip
-        dk, dv = _dkdv_tiles(
-            dk, dv, k, v, q_base, do_base, lse_ptr + stat_base, delta_ptr + stat_base, stride_qs, stride_dos,
-            cols, offs_m, offs_d, d_ok, q_len, k_len, kpm_row, qk_scale, cap_scale, window_left, window_right, w, hi,
-            HAS_LEFT, HAS_RIGHT, HAS_KPM, SOFTCAP, PRECISION, BLOCK_M, True,
+            cols, offs_m, offs_d, d_ok, q_len, k_len, kpm_row, qk_scale, cap_scale, window_left, window_right,
+            lo, u, w, hi, HAS_LEFT, HAS_RIGHT, HAS_KPM, SOFTCAP, PRECISION, BLOCK_M, True,
         )  # fmt: skip
 
     dk_base = dk_ptr + head_offset(b, hkv, k_start, stride_dkb, stride_dkh, stride_dks)
@@ -230,12 +231,14 @@ def _attention_dkdv_kernel(
 @triton.jit
 def _dq_tiles(
     dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, rows, offs_n, offs_d, d_ok,
-    q_len, k_len, kpm_row, qk_scale, cap_scale, window_left, window_right, n_lo, n_hi,
+    q_len, k_len, kpm_row, qk_scale, cap_scale, window_left, window_right, r0, r1, s0, s1,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr, SOFTCAP: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
-    """dQ of this query tile from the key tiles [n_lo, n_hi); MASKED as in the forward's ``_fwd_tiles``."""
-    for n0 in range(n_lo, n_hi, BLOCK_N):
+    """dQ of this query tile from the key tiles of [r0, r1) and [s0, s1); MASKED as in the forward's ``_fwd_tiles``."""
+    first, tiles = two_ranges(r0, r1, s0, s1, BLOCK_N)
+    for t in range(0, tiles):
+        n0 = tile_start(t, first, r0, s0, BLOCK_N)
         cols = n0 + offs_n
         # unmasked tiles lie inside the sequence: only the head-dim padding is masked
         kv_mask = (cols[:, None] < k_len) & d_ok[None, :] if MASKED else d_ok[None, :]
@@ -303,7 +306,7 @@ def _attention_dq_kernel(
     kpm_row = kpm_ptr + b.to(tl.int64) * stride_kpm
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    # The forward's three stages: masked key tiles, the interior ones without mask arithmetic, masked ones.
+    # The forward's two stages: the interior key tiles without mask arithmetic, then the masked ones around them.
     lo, hi = kv_block_range(
         m0, m0 + BLOCK_M, q_len, k_len, kv_lo_ptr, kv_hi_ptr, b, window_left, window_right,
         HAS_LEFT, HAS_RIGHT, HAS_KPM, BLOCK_N,
@@ -314,17 +317,12 @@ def _attention_dq_kernel(
     )  # fmt: skip
     dq = _dq_tiles(
         dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, rows, offs_n, offs_d, d_ok, q_len, k_len,
-        kpm_row, qk_scale, cap_scale, window_left, window_right, lo, u,
-        HAS_LEFT, HAS_RIGHT, HAS_KPM, SOFTCAP, PRECISION, BLOCK_N, True,
-    )  # fmt: skip
-    dq = _dq_tiles(
-        dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, rows, offs_n, offs_d, d_ok, q_len, k_len,
-        kpm_row, qk_scale, cap_scale, window_left, window_right, u, w,
+        kpm_row, qk_scale, cap_scale, window_left, window_right, u, w, w, w,
         HAS_LEFT, HAS_RIGHT, HAS_KPM, SOFTCAP, PRECISION, BLOCK_N, False,
     )  # fmt: skip
     dq = _dq_tiles(
         dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, rows, offs_n, offs_d, d_ok, q_len, k_len,
-        kpm_row, qk_scale, cap_scale, window_left, window_right, w, hi,
+        kpm_row, qk_scale, cap_scale, window_left, window_right, lo, u, w, hi,
         HAS_LEFT, HAS_RIGHT, HAS_KPM, SOFTCAP, PRECISION, BLOCK_N, True,
     )  # fmt: skip
 

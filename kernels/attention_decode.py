@@ -7,7 +7,7 @@ cache each, under one wave of a big GPU. Here the cache is split instead:
 1. ``_decode_split_kernel``: one program per (sequence, key/value head, block of query heads, KV split). Its row
    tile packs the Sq query rows of every query head in the block (all heads of a GQA group share the key/value
    head, so each key tile is loaded once for all of them) and runs the forward's online softmax (``_fwd_tiles``,
-   same three masked / interior / masked stages) over its split of the keys, writing each row's partial running
+   same interior and masked stages) over its split of the keys, writing each row's partial running
    max m_s (log2 units), sum l_s and unnormalised accumulator acc_s in fp32.
 2. ``_decode_combine_kernel``: one program per (sequence, query head, query row) rescales the partials to the
    common max m = max_s m_s: out = sum_s 2^(m_s - m) acc_s / L, L = sum_s 2^(m_s - m) l_s, lse = (m + log2 L) ln 2.
@@ -95,18 +95,13 @@ def _decode_split_kernel(
     s1 = s0 + split_len
     acc, l_i, m_i = _fwd_tiles(
         acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, qi, offs_n, offs_d, d_ok, seqlen_q, seqlen_k,
-        kpm_row, qk_scale, cap_scale, window_left, window_right, tl.maximum(lo, s0), tl.minimum(u, s1),
-        HAS_LEFT, HAS_RIGHT, HAS_KPM, SOFTCAP, PRECISION, BLOCK_N, True,
-    )  # fmt: skip
-    acc, l_i, m_i = _fwd_tiles(
-        acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, qi, offs_n, offs_d, d_ok, seqlen_q, seqlen_k,
-        kpm_row, qk_scale, cap_scale, window_left, window_right, tl.maximum(u, s0), tl.minimum(w, s1),
+        kpm_row, qk_scale, cap_scale, window_left, window_right, tl.maximum(u, s0), tl.minimum(w, s1), s0, s0,
         HAS_LEFT, HAS_RIGHT, HAS_KPM, SOFTCAP, PRECISION, BLOCK_N, False,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_tiles(
         acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, qi, offs_n, offs_d, d_ok, seqlen_q, seqlen_k,
-        kpm_row, qk_scale, cap_scale, window_left, window_right, tl.maximum(w, s0), tl.minimum(hi, s1),
-        HAS_LEFT, HAS_RIGHT, HAS_KPM, SOFTCAP, PRECISION, BLOCK_N, True,
+        kpm_row, qk_scale, cap_scale, window_left, window_right, tl.maximum(lo, s0), tl.minimum(u, s1),
+        tl.maximum(w, s0), tl.minimum(hi, s1), HAS_LEFT, HAS_RIGHT, HAS_KPM, SOFTCAP, PRECISION, BLOCK_N, True,
     )  # fmt: skip
 
     # Partials: (B, H, n_splits, Sq) for m and l, (B, H, n_splits, Sq, D) for acc, all contiguous fp32.
@@ -157,13 +152,14 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def decode_tile(params: AttentionLaunch, seqlen_q: int) -> tuple[int, int, int]:
+def decode_tile(params: AttentionLaunch, seqlen_q: int, interpret: bool = INTERPRET) -> tuple[int, int, int]:
     """(query heads per program, BLOCK_M, BLOCK_N): the row tile packs heads x Sq rows, at least 16 (tl.dot's
-    minimum) and at most 64 (32 at D = 256, 16 for fp32 there) so that q and acc stay in registers."""
+    minimum) and at most 64 (32 at D = 256, 16 for fp32 there) so that q and acc stay in registers; key tiles of
+    64 (32 for wide heads, fp32 and under the interpreter)."""
     most = 64 if params.block_d <= 128 else (16 if params.dtype == torch.float32 else 32)
     heads = max(1, min(params.group, most // seqlen_q))
     block_m = max(16, triton.next_power_of_2(heads * seqlen_q))
-    block_n = 32 if INTERPRET or params.block_d > 128 or params.dtype == torch.float32 else 64
+    block_n = 32 if interpret or params.block_d > 128 or params.dtype == torch.float32 else 64
     return heads, block_m, block_n
 
 

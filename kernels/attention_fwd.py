@@ -211,6 +211,21 @@ def aligned_inner(lo, hi, a, z, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def two_ranges(r0, r1, s0, s1, BLOCK: tl.constexpr):
+    """(tiles of [r0, r1), tiles of both): the tile ranges [r0, r1) (its length a multiple of BLOCK, or <= 0) and
+    [s0, s1) walked as one loop ``for t in range(0, total)`` with ``tile_start``: the two masked stages share one
+    loop body, which keeps register pressure at two loop bodies per kernel (masked + interior)."""
+    first = tl.maximum(r1 - r0, 0) // BLOCK
+    return first, first + tl.cdiv(tl.maximum(s1 - s0, 0), BLOCK)
+
+
+@triton.jit
+def tile_start(t, first, r0, s0, BLOCK: tl.constexpr):
+    """Start of tile t of ``two_ranges``."""
+    return tl.where(t < first, r0 + t * BLOCK, s0 + (t - first) * BLOCK)
+
+
+@triton.jit
 def unmasked_key_range(
     m0,
     q_len,
@@ -379,13 +394,15 @@ def forward_tiles(block_d: int, fp32: bool) -> list[Tile]:
 @triton.jit
 def _fwd_tiles(
     acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d, d_ok,
-    q_len, k_len, kpm_row, qk_scale, cap_scale, window_left, window_right, n_lo, n_hi,
+    q_len, k_len, kpm_row, qk_scale, cap_scale, window_left, window_right, r0, r1, s0, s1,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr, SOFTCAP: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
-    """Online-softmax update of (acc, l_i, m_i) over the key tiles [n_lo, n_hi). MASKED tiles (diagonal, window
-    edge, padding, sequence end) test every (row, key) pair; unmasked ones are wholly visible and skip all that."""
-    for n0 in range(n_lo, n_hi, BLOCK_N):
+    """Online-softmax update of (acc, l_i, m_i) over the key tiles of [r0, r1) and [s0, s1). MASKED tiles (diagonal,
+    window edge, padding, sequence end) test every (row, key) pair; unmasked ones are wholly visible and skip that."""
+    first, tiles = two_ranges(r0, r1, s0, s1, BLOCK_N)
+    for t in range(0, tiles):
+        n0 = tile_start(t, first, r0, s0, BLOCK_N)
         cols = n0 + offs_n
         # unmasked tiles lie inside the sequence: only the head-dim padding is masked
         kv_mask = (cols[:, None] < k_len) & d_ok[None, :] if MASKED else d_ok[None, :]
@@ -459,9 +476,9 @@ def _attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    # Key tiles in three stages (FlashAttention-2's split): the masked tiles left of the interior (window's left
-    # edge, padding), the interior tiles every row of this tile sees whole (no mask arithmetic), and the masked
-    # tiles right of it (causal diagonal / window's right edge, padding, the sequence's last partial tile).
+    # Key tiles in two stages (FlashAttention-2's split): the interior tiles [u, w) every row of this tile sees whole
+    # (no mask arithmetic), then the masked ones on either side: [lo, u) left of it (window's left edge, padding) and
+    # [w, hi) right of it (causal diagonal / window's right edge, padding, the sequence's last partial tile).
     lo, hi = kv_block_range(
         m0, m0 + BLOCK_M, q_len, k_len, kv_lo_ptr, kv_hi_ptr, b, window_left, window_right,
         HAS_LEFT, HAS_RIGHT, HAS_KPM, BLOCK_N,
@@ -472,17 +489,12 @@ def _attention_fwd_kernel(
     )  # fmt: skip
     acc, l_i, m_i = _fwd_tiles(
         acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d, d_ok, q_len, k_len, kpm_row,
-        qk_scale, cap_scale, window_left, window_right, lo, u,
-        HAS_LEFT, HAS_RIGHT, HAS_KPM, SOFTCAP, PRECISION, BLOCK_N, True,
-    )  # fmt: skip
-    acc, l_i, m_i = _fwd_tiles(
-        acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d, d_ok, q_len, k_len, kpm_row,
-        qk_scale, cap_scale, window_left, window_right, u, w,
+        qk_scale, cap_scale, window_left, window_right, u, w, w, w,
         HAS_LEFT, HAS_RIGHT, HAS_KPM, SOFTCAP, PRECISION, BLOCK_N, False,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_tiles(
         acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d, d_ok, q_len, k_len, kpm_row,
-        qk_scale, cap_scale, window_left, window_right, w, hi,
+        qk_scale, cap_scale, window_left, window_right, lo, u, w, hi,
         HAS_LEFT, HAS_RIGHT, HAS_KPM, SOFTCAP, PRECISION, BLOCK_N, True,
     )  # fmt: skip
 

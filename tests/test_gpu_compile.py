@@ -14,9 +14,10 @@ import importlib
 import json
 
 import pytest
+import torch
 from _triton_compile import SM90_SHARED_LIMIT, KernelSpec, compile_for_gpu, python_without_interpreter
 
-from fastllm.kernels import attention_bwd, attention_fwd
+from fastllm.kernels import attention_bwd, attention_decode, attention_fwd
 
 # fastllm.kernels re-exports the function nf4_matmul under the module's name
 nf4_matmul = importlib.import_module("fastllm.kernels.nf4_matmul")
@@ -106,7 +107,35 @@ def nf4_specs() -> list[KernelSpec]:
     return specs
 
 
-SPECS = attention_specs() + nf4_specs()
+# Split-KV decode: (dtype, head dim, GQA group, Sq, flags) -> the decode kernel's GPU tile for that launch.
+DECODE_CASES = {
+    "bf16-d128-g4-sq1-causal-padding": ("bf16", 128, 4, 1, {"HAS_RIGHT": True, "HAS_KPM": True}),
+    "fp16-d128-g8-sq8-window-softcap": ("fp16", 128, 8, 8, {"HAS_LEFT": True, "HAS_RIGHT": True, "SOFTCAP": True}),
+    "bf16-d256-g8-sq4-all": ("bf16", 256, 8, 4, {"HAS_LEFT": True, "HAS_RIGHT": True, "HAS_KPM": True,
+                                                 "SOFTCAP": True}),
+    "fp32-d64-g4-sq16-causal": ("fp32", 64, 4, 16, {"HAS_RIGHT": True}),
+}  # fmt: skip
+DECODE_SPLIT = "fastllm.kernels.attention_decode:_decode_split_kernel"
+DECODE_COMBINE = "fastllm.kernels.attention_decode:_decode_combine_kernel"
+
+
+def decode_specs() -> list[KernelSpec]:
+    specs = []
+    for case, (dtype, dim, group, sq, flags) in DECODE_CASES.items():
+        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+        launch = attention_fwd.AttentionLaunch(1, group, dim, sq, 4096, 1.0, 0.0, -1, -1, torch_dtype)
+        _, block_m, block_n = attention_decode.decode_tile(launch, sq, interpret=False)
+        types = {**attention_types(dtype), "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32"}
+        masks = {k: v for k, v in NO_MASKS.items() if k != "VARLEN"}
+        tile = {"BLOCK_D": dim, "BLOCK_M": block_m, "BLOCK_N": block_n}
+        constexprs = {**masks, **flags, **tile, "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+        specs.append(KernelSpec(f"decode_split-{case}", DECODE_SPLIT, types, constexprs, 4, 2, STRIDES))
+        combine = {"BLOCK_S": 64, "BLOCK_D": dim}
+        specs.append(KernelSpec(f"decode_combine-{case}", DECODE_COMBINE, types, combine, 4, 1, STRIDES))
+    return specs
+
+
+SPECS = attention_specs() + nf4_specs() + decode_specs()
 
 
 @pytest.fixture(scope="module")
