@@ -152,15 +152,15 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def decode_tile(params: AttentionLaunch, seqlen_q: int, interpret: bool = INTERPRET) -> tuple[int, int, int]:
-    """(query heads per program, BLOCK_M, BLOCK_N): the row tile packs heads x Sq rows, at least 16 (tl.dot's
-    minimum) and at most 64 (32 at D = 256, 16 for fp32 there) so that q and acc stay in registers; key tiles of
-    64 (32 for wide heads, fp32 and under the interpreter)."""
+def decode_tile(params: AttentionLaunch, seqlen_q: int, interpret: bool = INTERPRET) -> tuple[int, int, int, int]:
+    """(query heads per program, BLOCK_M, BLOCK_N, num_warps): the row tile packs heads x Sq rows, at least 16
+    (tl.dot's minimum) and at most 64 (32 at D = 256, 16 for fp32 there); key tiles of 64 (32 for wide heads, fp32
+    and under the interpreter); 8 warps once q and acc pass 64 x 64 (no register spills on sm_90)."""
     most = 64 if params.block_d <= 128 else (16 if params.dtype == torch.float32 else 32)
     heads = max(1, min(params.group, most // seqlen_q))
     block_m = max(16, triton.next_power_of_2(heads * seqlen_q))
     block_n = 32 if interpret or params.block_d > 128 or params.dtype == torch.float32 else 64
-    return heads, block_m, block_n
+    return heads, block_m, block_n, 8 if block_m * params.block_d > 64 * 64 else 4
 
 
 def decode_splits(programs: int, seqlen_k: int, block_n: int, device: torch.device) -> tuple[int, int]:
@@ -183,7 +183,7 @@ def attention_decode(
     n_kv_heads, seqlen_k = k.shape[1], k.shape[2]
     if params.varlen or seqlen_q > DECODE_MAX_SEQLEN_Q:
         raise ValueError(f"attention_decode: padded q with Sq <= {DECODE_MAX_SEQLEN_Q} only, got Sq={seqlen_q}")
-    heads, block_m, block_n = decode_tile(params, seqlen_q)
+    heads, block_m, block_n, warps = decode_tile(params, seqlen_q)
     programs = batch * n_kv_heads * triton.cdiv(params.group, heads)
     n_splits, split_len = decode_splits(programs, seqlen_k, block_n, q.device)
     if programs * n_splits > 2**31 - 1:
@@ -198,7 +198,7 @@ def attention_decode(
         v.stride(0), v.stride(1), v.stride(2), params.kpm_stride,
         n_heads, n_kv_heads, params.group, seqlen_q, seqlen_k, params.head_dim, heads, n_splits, split_len,
         params.qk_scale, params.cap_scale, params.window_left, params.window_right,
-        **flags, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2,
+        **flags, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=2,
     )  # fmt: skip
     out = torch.empty_like(q)
     lse = torch.empty((batch, n_heads, seqlen_q), device=q.device, dtype=torch.float32)

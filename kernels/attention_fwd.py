@@ -378,7 +378,7 @@ class AttentionLaunch:
 # checked with ptxas: no register spills, shared memory within 227 KB. Wide heads and fp32 ("ieee" dots, twice
 # the bytes per element) get small tiles.
 _FWD_TILES = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1)]
-_FWD_TILES_D256 = [(64, 64, 8, 3), (128, 32, 8, 2), (64, 32, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)]
+_FWD_TILES_D256 = [(128, 32, 8, 2), (64, 64, 8, 3), (64, 32, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)]
 _FWD_TILES_FP32 = [(16, 64, 4, 2), (16, 32, 8, 2), (16, 16, 4, 1)]
 # fp32 at D = 256, for every attention kernel: larger tiles spill heavily (exact fp32 dots run on FMA units).
 FP32_D256_TILES = [(16, 16, 8, 1), (16, 16, 4, 1)]

@@ -451,7 +451,7 @@ def test_decode_cases_split_the_cache():
     """The decode cases really exercise the combine step: their caches are cut into several KV splits."""
     for case, (b, h, hkv, sq, sk, d, dtype, _) in DECODE_CASES.items():
         params = attention_fwd.AttentionLaunch(b, h // hkv, d, sq, sk, 1.0, 0.0, -1, -1, dtype)
-        heads, _, block_n = attention_decode.decode_tile(params, sq)
+        heads, _, block_n, _ = attention_decode.decode_tile(params, sq)
         programs = b * hkv * -(-(h // hkv) // heads)
         splits, split_len = attention_decode.decode_splits(programs, sk, block_n, torch.device("cpu"))
         assert splits > 1 and split_len % block_n == 0 and (splits - 1) * split_len < sk, case

@@ -124,12 +124,12 @@ def decode_specs() -> list[KernelSpec]:
     for case, (dtype, dim, group, sq, flags) in DECODE_CASES.items():
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
         launch = attention_fwd.AttentionLaunch(1, group, dim, sq, 4096, 1.0, 0.0, -1, -1, torch_dtype)
-        _, block_m, block_n = attention_decode.decode_tile(launch, sq, interpret=False)
+        _, block_m, block_n, warps = attention_decode.decode_tile(launch, sq, interpret=False)
         types = {**attention_types(dtype), "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32"}
         masks = {k: v for k, v in NO_MASKS.items() if k != "VARLEN"}
         tile = {"BLOCK_D": dim, "BLOCK_M": block_m, "BLOCK_N": block_n}
         constexprs = {**masks, **flags, **tile, "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
-        specs.append(KernelSpec(f"decode_split-{case}", DECODE_SPLIT, types, constexprs, 4, 2, STRIDES))
+        specs.append(KernelSpec(f"decode_split-{case}", DECODE_SPLIT, types, constexprs, warps, 2, STRIDES))
         combine = {"BLOCK_S": 64, "BLOCK_D": dim}
         specs.append(KernelSpec(f"decode_combine-{case}", DECODE_COMBINE, types, combine, 4, 1, STRIDES))
     return specs
