@@ -14,8 +14,9 @@ from _metrics import rel_err
 from _triton_compile import python_without_interpreter
 
 from fastllm import reference
-from fastllm.kernels import attention_bwd, attention_decode, attention_fwd
+from fastllm.kernels import _config, attention_bwd, attention_decode, attention_fwd
 from fastllm.kernels.attention import attention, attention_varlen
+from fastllm.ops import attention as ops_attention
 
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
@@ -519,3 +520,20 @@ def test_opcheck_forward_and_backward():
         tensors = [t.detach() for t in args[:3]]
         grads = (torch.randn(out.shape, generator=gen), out.detach(), lse.detach(), None)
         torch.library.opcheck(torch.ops.fastllm.attention_bwd.default, (grads[0], *tensors, *grads[1:], *args[3:]))
+
+
+@pytest.mark.skipif(not _config.INTERPRET, reason="CPU tensors run the Triton kernels only under TRITON_INTERPRET=1")
+def test_interpreter_dispatches_cpu_tensors_to_the_triton_kernels(monkeypatch):
+    """Under the interpreter the kernels registered for "cpu" replace the op's CPU implementation, so the tests of
+    this file exercise the Triton code: the CPU implementation's paths must not be reached."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the op's CPU implementation ran")
+
+    for name in ("_forward", "_backward"):
+        monkeypatch.setattr(ops_attention, name, refuse)
+    q, k, v = make_qkv(1, 2, 1, 20, 20, 16, torch.float32, seed=59)
+    got, ref = run_both(q, k, v, causal=True)
+    assert_matches("dispatch", got, ref, TOL[torch.float32])
+    got, ref = run_both(q[:, :, :1], k, v, causal=True)  # the decode kernel
+    assert_matches("dispatch-decode", got, ref, TOL[torch.float32])
