@@ -153,14 +153,22 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def decode_tile(params: AttentionLaunch, seqlen_q: int, interpret: bool = INTERPRET) -> tuple[int, int, int, int]:
-    """(query heads per program, BLOCK_M, BLOCK_N, num_warps): the row tile packs heads x Sq rows, at least 16
-    (tl.dot's minimum) and at most 64 (32 at D = 256, 16 for fp32 there); key tiles of 64 (32 for wide heads, fp32
-    and under the interpreter); 8 warps once q and acc pass 64 x 64 (no register spills on sm_90)."""
-    most = 64 if params.block_d <= 128 else (16 if params.dtype == torch.float32 else 32)
+    """(query heads per program, BLOCK_M, BLOCK_N, num_warps) of the decode kernel, spill-free on sm_90 with every
+    mask option: the row tile packs heads x Sq rows, at least 16 (tl.dot's minimum) and at most 64 (32 at D = 256,
+    16 for fp32's exact dots); key tiles of 64 (32 at D = 256; fp32: 32, 16 at D = 256; 32 under the interpreter);
+    8 warps once the row tile passes 64 x 64 (fp32: from D = 128)."""
+    fp32 = params.dtype == torch.float32
+    most = 16 if fp32 else (64 if params.block_d <= 128 else 32)
     heads = max(1, min(params.group, most // seqlen_q))
     block_m = max(16, triton.next_power_of_2(heads * seqlen_q))
-    block_n = 32 if interpret or params.block_d > 128 or params.dtype == torch.float32 else 64
-    return heads, block_m, block_n, 8 if block_m * params.block_d > 64 * 64 else 4
+    if interpret:
+        block_n = 32
+    elif fp32:
+        block_n = 16 if params.block_d > 128 else 32
+    else:
+        block_n = 64 if params.block_d <= 128 else 32
+    wide = params.block_d >= 128 if fp32 else block_m * params.block_d > 64 * 64
+    return heads, block_m, block_n, 8 if wide else 4
 
 
 def decode_splits(programs: int, seqlen_k: int, block_n: int, device: torch.device) -> tuple[int, int]:
