@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from benchmarks.harness import Case, Settings, Skip, randn, require, require_attr
 
 PROVIDERS = ("fastllm", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex", "flash-attn")
+CPU_REASON = "attention kernel timing needs CUDA (on CPU fastllm runs PyTorch's fused attention: decode, llama-step)"
 
 
 @dataclass(frozen=True)
@@ -268,10 +269,14 @@ def model_cases(settings: Settings) -> list[Case]:
     return out
 
 
+def _cpu_skip():
+    raise Skip(CPU_REASON)
+
+
 def cases(settings: Settings) -> list[Case]:
-    if not settings.cuda:
-        return model_cases(settings)
     out = model_cases(settings)
+    if not settings.cuda:  # one row saying why the kernel cases are not timed here
+        return [*out, Case("attention", "kernels", {}, "bfloat16", "fastllm", "TFLOP/s", 0.0, _cpu_skip)]
     for p, ops in problems(settings):
         for op in ops:
             for provider in PROVIDERS:
