@@ -48,8 +48,8 @@ def laid_out_like(result: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 def effective_window(left: int, right: int, q_len: int, k_len: int) -> tuple[int, int]:
     """(left, right) with every side that hides no key from any query set to -1 (unbounded).
 
-    With diag = k_len - q_len, the left side hides nothing when left >= k_len - 1 (the first query's window starts
-    at or before key 0), the right side when right >= q_len - 1 (the first query's window reaches the last key).
+    With diag = k_len - q_len, the left side hides nothing when left >= k_len - 1 (even the last query's window
+    starts at or before key 0), the right side when right >= q_len - 1 (the first query's window reaches the last key).
     Lengths may be upper bounds (the longest packed sequence): the test only gets stricter.
     """
     return (-1 if left >= max(k_len - 1, 0) else left), (-1 if right >= max(q_len - 1, 0) else right)
