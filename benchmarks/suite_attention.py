@@ -1,8 +1,8 @@
-"""Fused attention (CUDA only): fastllm vs PyTorch SDPA backends, FlexAttention and flash-attn.
+"""Fused attention: fastllm vs PyTorch SDPA backends, FlexAttention and flash-attn.
 
-Layout (B, H, S, D) bf16; grouped-query cases have fewer key/value heads. Figures are TFLOP/s
-over the visible (query, key) pairs only: forward = 4 * D * Hq * pairs (QK^T and PV),
-forward+backward = 3.5 x forward (the backward does 5 matmuls to the forward's 2). Pairs:
+Kernel cases (CUDA only): layout (B, H, S, D) bf16; grouped-query cases have fewer key/value heads.
+Figures are TFLOP/s over the visible (query, key) pairs only: forward = 4 * D * Hq * pairs (QK^T and
+PV), forward+backward = 3.5 x forward (the backward does 5 matmuls to the forward's 2). Pairs:
 S^2 without a mask, S(S+1)/2 causal, sum_i min(i+1, w) for a causal window of w keys,
 S * valid_keys per sequence with a key padding mask.
 
@@ -10,8 +10,12 @@ fastllm rows also carry ``rel_err``: the largest ||out - ref|| / ||ref|| over th
 fwd+bwd, dq, dk, dv) against ``fastllm.reference.attention`` computed in fp32 on the same inputs, so a
 fast wrong kernel shows.
 
-On CPU the suite is skipped: fastllm's CPU attention is the Triton interpreter / the
-reference, whose timing says nothing about the kernel.
+Also on CPU (where fastllm runs PyTorch's fused CPU attention inside its op):
+- ``decode``: one query row per sequence against a long bf16 KV cache (GQA), fastllm (the split-KV decode
+  kernel on CUDA) vs SDPA. Figure: GB/s of key/value cache read.
+- ``llama-step``: one training step (forward, loss, backward) of a random-init 4-layer Llama (hidden 512,
+  8 query / 2 key-value heads, MLP 1536, vocabulary 8192) on 2 x 1024 bf16 tokens with
+  ``attn_implementation`` = "fastllm" vs "sdpa" vs "eager". Figure: tokens / s.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch.nn.functional as F
 from benchmarks.harness import Case, Settings, Skip, randn, rel_err, require, require_attr
 
 PROVIDERS = ("fastllm", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex", "flash-attn")
-CPU_REASON = "attention timing needs CUDA (the CPU path is the interpreter/reference)"
+CPU_REASON = "attention kernel timing needs CUDA (on CPU fastllm runs PyTorch's fused attention: decode, llama-step)"
 
 
 @dataclass(frozen=True)
@@ -222,10 +226,86 @@ def _setup(p: Problem, op: str, provider: str, device: torch.device):
     return call
 
 
-def cases(settings: Settings) -> list[Case]:
-    if not settings.cuda:
-        raise Skip(CPU_REASON)
+@dataclass(frozen=True)
+class Decode:
+    """One decoding step's attention: Sq = 1 query row per sequence against a cache of ``cache`` keys."""
+
+    batch: int
+    heads: int
+    kv_heads: int
+    cache: int
+    head_dim: int
+
+    def cache_bytes(self) -> int:
+        """Bytes of keys and values read (bf16)."""
+        return 2 * 2 * self.batch * self.kv_heads * self.cache * self.head_dim
+
+    def shape(self) -> dict[str, int]:
+        return {"B": self.batch, "Hq": self.heads, "Hkv": self.kv_heads, "Sq": 1, "Sk": self.cache, "D": self.head_dim}
+
+
+def _decode_setup(p: Decode, provider: str, device: torch.device):
+    q = randn((p.batch, p.heads, 1, p.head_dim), torch.bfloat16, device, 1)
+    k, v = (randn((p.batch, p.kv_heads, p.cache, p.head_dim), torch.bfloat16, device, s) for s in (2, 3))
+    if provider == "fastllm":
+        attention = require_attr("fastllm.kernels.attention", "attention")
+        return lambda: attention(q, k, v, causal=True)
+    return lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # one row sees the whole cache
+
+
+LLAMA_STEP_PROVIDERS = ("fastllm", "sdpa", "eager")
+
+
+def _llama_step_setup(settings: Settings, attn_implementation: str):
+    """A training step of the small Llama of the module docstring (fewer layers and tokens when tiny)."""
+    transformers = require("transformers")
+    if attn_implementation == "fastllm":
+        require("fastllm.integrations.transformers")  # registers "fastllm"
+    layers, batch, tokens = (2, 1, 128) if settings.tiny else (4, 2, 1024)
+    config = transformers.LlamaConfig(
+        hidden_size=512, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=8,
+        num_key_value_heads=2, vocab_size=8192, max_position_embeddings=tokens, attn_implementation=attn_implementation,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device(settings.device):
+        model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).train()
+    ids = torch.randint(0, config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(settings.device)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+
+    return step
+
+
+def model_cases(settings: Settings) -> list[Case]:
+    """The decode and Llama-step cases (CPU and CUDA)."""
     out = []
+    decode = Decode(1 if settings.tiny else 4, 32, 8, 512 if settings.tiny else 8192, 128)
+    for provider in ("fastllm", "sdpa"):
+        out.append(Case(
+            "attention", "decode", decode.shape(), "bfloat16", provider, "GB/s", decode.cache_bytes(),
+            lambda p=provider: _decode_setup(decode, p, settings.device),
+        ))  # fmt: skip
+    shape = {"layers": 2 if settings.tiny else 4, "hidden": 512, "Hq": 8, "Hkv": 2}
+    shape.update(B=1, S=128) if settings.tiny else shape.update(B=2, S=1024)
+    for provider in LLAMA_STEP_PROVIDERS:
+        out.append(Case(
+            "attention", "llama-step", shape, "bfloat16", provider, "tokens/s", shape["B"] * shape["S"],
+            lambda p=provider: _llama_step_setup(settings, p),
+        ))  # fmt: skip
+    return out
+
+
+def _cpu_skip():
+    raise Skip(CPU_REASON)
+
+
+def cases(settings: Settings) -> list[Case]:
+    out = model_cases(settings)
+    if not settings.cuda:  # one row saying why the kernel cases are not timed here
+        return [*out, Case("attention", "kernels", {}, "bfloat16", "fastllm", "TFLOP/s", 0.0, _cpu_skip)]
     for p, ops in problems(settings):
         for op in ops:
             for provider in PROVIDERS:

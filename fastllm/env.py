@@ -63,7 +63,7 @@ def _matmul_path(device: torch.device) -> str:
 def _attention_path(device: torch.device) -> str:
     if uses_triton(device):
         return "Triton fused attention" + (" (interpreter)" if device.type == "cpu" else "")
-    return "PyTorch reference attention (fp32)"
+    return "PyTorch fused CPU attention (SDPA's kernel); fp32 reference under softcap"
 
 
 def report() -> str:

@@ -1,32 +1,27 @@
 """Fused softmax attention (forward + backward): the public front doors ``attention`` and ``attention_varlen``.
 
-Both are thin wrappers over one ``torch.library.custom_op`` pair (``fastllm::attention_fwd`` /
-``fastllm::attention_bwd``) with fake implementations and registered autograd, so ``torch.compile``
-traces them without graph breaks. CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``) run the
-Triton kernels of ``attention_fwd`` / ``attention_bwd``; plain CPU tensors run the same math in PyTorch
-(``fastllm.reference.attention`` in fp32), so fastllm works anywhere.
-
-Masking semantics (flash-attn compatible). With diag = Sk - Sq, query i may see key j when
-    causal            j <= i + diag           (bottom-right aligned: the last query sees the last key)
-    window=(l, r)     i + diag - l <= j <= i + diag + r   (-1 or None = unbounded side)
-    key_padding_mask  mask[b, j] is True
-A query row that sees no key outputs zeros, has lse = -inf and gets zero gradients (never NaN).
+Both validate their arguments and call the ``fastllm::attention_fwd`` op (declared with its fake, autograd and
+CPU implementation in ``fastllm.ops.attention``, which also states the masking semantics). This module registers
+the Triton kernels as that op's implementation for CUDA tensors, and for CPU tensors under ``TRITON_INTERPRET=1``
+(so the CPU tests run the Triton code); plain CPU tensors run PyTorch's fused CPU attention or the reference.
+Query lengths up to ``DECODE_MAX_SEQLEN_Q`` (decoding with a KV cache) run the split-KV decode kernel.
 
 ``FASTLLM_AUTOTUNE=0`` makes the GPU kernels use their default tiles without autotuning (``_config``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
-from collections.abc import Iterator
 
 import torch
 
-from fastllm import reference
+from fastllm.ops import attention as ops
 
-from ._config import uses_triton
+from ._config import INTERPRET
 from .attention_bwd import attention_backward
+from .attention_decode import DECODE_MAX_SEQLEN_Q, attention_decode
 from .attention_fwd import AttentionLaunch, attention_forward
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 96, 128, 256)
@@ -102,6 +97,9 @@ def _launch(
     softcap: float,
 ) -> AttentionLaunch:
     varlen = cu_seqlens_q is not None
+    # A window side as wide as the (packed) lengths bounds nothing: -1, so kernel index arithmetic stays in int32.
+    lengths = (q.shape[0], k.shape[0]) if varlen else (q.shape[2], k.shape[2])
+    window_left, window_right = ops.effective_window(window_left, window_right, *lengths)
     return AttentionLaunch(
         batch=cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0],
         group=q.shape[1] // k.shape[1],
@@ -124,165 +122,41 @@ def _kernel_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float32 if t.dtype == torch.bfloat16 and not t.is_cuda else t.dtype
 
 
-def _like(t: torch.Tensor) -> torch.Tensor:
-    """An empty tensor laid out as the kernels' outputs for input t (t's layout when the head dim is unit-stride)."""
-    return torch.empty_like(t) if t.stride(-1) == 1 else torch.empty(t.shape, dtype=t.dtype, device=t.device)
-
-
-def _laid_out_like(result: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """result in t's dtype and in the layout the fake implementations promise (``_like(t)``)."""
-    target = _like(t)
-    if result.dtype == t.dtype and result.stride() == target.stride():
-        return result
-    return target.copy_(result)
-
-
 def _prep(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The kernels need unit stride along the head dim."""
     t = t.to(dtype)
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _sequences(cu_q: torch.Tensor, cu_k: torch.Tensor) -> Iterator[tuple[slice, slice]]:
-    """(rows in q, rows in k) of each packed sequence."""
-    for b in range(cu_q.shape[0] - 1):
-        yield slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Device guard: Triton launches on the current CUDA device (and its current stream), so make it t's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _torch_forward(q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, left, right, softcap):
-    """The plain PyTorch path (CPU without the interpreter): the reference math in fp32, per sequence if packed."""
-    window = (left, right)
-    cap = softcap or None
-    if cu_q is None:
-        return reference.attention(
-            q, k, v, scale=scale, key_padding_mask=kpm, window=window, softcap=cap, dtype=torch.float32
-        )
-    outs, lses = [], []
-    for qs, ks in _sequences(cu_q, cu_k):
-        o, s = reference.attention(
-            q[qs].transpose(0, 1)[None], k[ks].transpose(0, 1)[None], v[ks].transpose(0, 1)[None],
-            scale=scale, window=window, softcap=cap, dtype=torch.float32,
-        )  # fmt: skip
-        outs.append(o[0].transpose(0, 1))
-        lses.append(s[0])
-    return torch.cat(outs), torch.cat(lses, dim=1)
-
-
-@torch.library.custom_op("fastllm::attention_fwd", mutates_args=())
-def _attention_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_padding_mask: torch.Tensor | None,
-    cu_seqlens_q: torch.Tensor | None,
-    cu_seqlens_k: torch.Tensor | None,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    scale: float,
-    window_left: int,
-    window_right: int,
-    softcap: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    args = (key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left)
-    args = (*args, window_right, softcap)
-    if uses_triton(q.device):
+def _triton_forward(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, *options):
+    """The Triton implementation of ``fastllm::attention_fwd`` (same signature and results as the op)."""
+    with _on_device(q):
         dtype = _kernel_dtype(q)
         qp, kp, vp = (_prep(t, dtype) for t in (q, k, v))
-        out, lse = attention_forward(qp, kp, vp, _launch(qp, kp, *args))
-    else:
-        out, lse = _torch_forward(q, k, v, *args)
-    return _laid_out_like(out, q), lse.contiguous()
+        params = _launch(qp, kp, key_padding_mask, cu_seqlens_q, cu_seqlens_k, *options)
+        decode = not params.varlen and q.shape[2] <= DECODE_MAX_SEQLEN_Q
+        out, lse = (attention_decode if decode else attention_forward)(qp, kp, vp, params)
+        return ops.laid_out_like(out, q), lse.contiguous()
 
 
-@_attention_fwd.register_fake
-def _(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *_):
-    lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens_q is not None else q.shape[:3]
-    return _like(q), q.new_empty(lse_shape, dtype=torch.float32)
-
-
-def _torch_backward(do, q, k, v, out, lse, dlse, kpm, cu_q, cu_k, max_q, max_k, scale, left, right, softcap):
-    """dq, dk, dv in PyTorch (fp32) from the saved lse: the same formulas as the Triton backward."""
-    if cu_q is not None:
-        # packed: gradients of each sequence, one at a time, through the padded path
-        grads = [torch.zeros_like(t, dtype=torch.float32) for t in (q, k, v)]
-        for qs, ks in _sequences(cu_q, cu_k):
-            per_seq = [t.transpose(0, 1)[None] for t in (do[qs], q[qs], k[ks], v[ks], out[qs])]
-            d_lse = None if dlse is None else dlse[:, qs][None]
-            dq, dk, dv = _torch_backward(
-                *per_seq, lse[:, qs][None], d_lse, None, None, None, 0, 0, scale, left, right, softcap
-            )
-            grads[0][qs], grads[1][ks], grads[2][ks] = (g[0].transpose(0, 1) for g in (dq, dk, dv))
-        return tuple(grads)
-    group = q.shape[1] // k.shape[1]
-    qf, kf, vf, dof, of = (t.float() for t in (q, k, v, do, out))
-    kf, vf = kf.repeat_interleave(group, dim=1), vf.repeat_interleave(group, dim=1)
-    raw = (qf @ kf.transpose(-1, -2)) * scale
-    tanh = torch.tanh(raw / softcap) if softcap else None
-    scores = softcap * tanh if softcap else raw
-    allowed = reference.attention_visibility(
-        q.shape[2], k.shape[2], causal=False, window=(left, right), key_padding_mask=kpm, device=q.device
-    )
-    p = torch.where(allowed, torch.exp(scores - lse[..., None]), 0.0)
-    delta = (dof * of).sum(-1) - (0.0 if dlse is None else dlse)
-    ds = p * (dof @ vf.transpose(-1, -2) - delta[..., None])
-    if softcap:
-        ds = ds * (1 - tanh * tanh)
-    dq = (ds @ kf) * scale
-    dk = ((ds.transpose(-1, -2) @ qf) * scale).unflatten(1, (-1, group)).sum(2)
-    dv = (p.transpose(-1, -2) @ dof).unflatten(1, (-1, group)).sum(2)
-    return dq, dk, dv
-
-
-@torch.library.custom_op("fastllm::attention_bwd", mutates_args=())
-def _attention_bwd(
-    do: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    dlse: torch.Tensor | None,
-    key_padding_mask: torch.Tensor | None,
-    cu_seqlens_q: torch.Tensor | None,
-    cu_seqlens_k: torch.Tensor | None,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    scale: float,
-    window_left: int,
-    window_right: int,
-    softcap: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    args = (key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left)
-    args = (*args, window_right, softcap)
-    if uses_triton(q.device):
+def _triton_backward(do, q, k, v, out, lse, dlse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, *options):
+    """The Triton implementation of ``fastllm::attention_bwd``."""
+    with _on_device(q):
         dtype = _kernel_dtype(q)
         dop, qp, kp, vp, outp = (_prep(t, dtype) for t in (do, q, k, v, out))
-        grads = attention_backward(dop, qp, kp, vp, outp, lse, dlse, _launch(qp, kp, *args))
-    else:
-        grads = _torch_backward(do, q, k, v, out, lse, dlse, *args)
-    return tuple(_laid_out_like(g, t) for g, t in zip(grads, (q, k, v), strict=True))
+        params = _launch(qp, kp, key_padding_mask, cu_seqlens_q, cu_seqlens_k, *options)
+        grads = attention_backward(dop, qp, kp, vp, outp, lse, dlse, params)
+        return tuple(ops.laid_out_like(g, t) for g, t in zip(grads, (q, k, v), strict=True))
 
 
-@_attention_bwd.register_fake
-def _(do, q, k, v, *_):
-    return _like(q), _like(k), _like(v)
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, kpm, cu_q, cu_k = inputs[:6]
-    ctx.options = inputs[6:]
-    ctx.save_for_backward(q, k, v, *output, kpm, cu_q, cu_k)
-
-
-def _backward(ctx, d_out, d_lse):
-    q, k, v, out, lse, kpm, cu_q, cu_k = ctx.saved_tensors
-    if d_out is None:  # only lse was used
-        d_out = torch.zeros_like(out)
-    dq, dk, dv = _attention_bwd(d_out, q, k, v, out, lse, d_lse, kpm, cu_q, cu_k, *ctx.options)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
-
-
-_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+for _device in ("cuda", "cpu") if INTERPRET else ("cuda",):
+    torch.library.register_kernel("fastllm::attention_fwd", _device, _triton_forward)
+    torch.library.register_kernel("fastllm::attention_bwd", _device, _triton_backward)
 
 
 def attention(
@@ -330,7 +204,8 @@ def attention(
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask: expected device {q.device}, got {key_padding_mask.device}")
     scale, cap, left, right = _normalise_options(causal, window, softcap, scale, q.shape[-1])
-    out, lse = _attention_fwd(q, k, v, key_padding_mask, None, None, 0, 0, scale, left, right, cap)
+    left, right = ops.effective_window(left, right, q.shape[2], k.shape[2])
+    out, lse = torch.ops.fastllm.attention_fwd(q, k, v, key_padding_mask, None, None, 0, 0, scale, left, right, cap)
     return (out, lse) if return_lse else out
 
 
@@ -377,7 +252,9 @@ def attention_varlen(
                     f"max_seqlen_{side}={max_len} is shorter than the longest sequence {int(lengths.max())}"
                 )
     scale, cap, left, right = _normalise_options(causal, window, softcap, scale, q.shape[-1])
-    out, _ = _attention_fwd(
+    # the packed lengths bound every sequence's: a window side at least as wide is no bound (and no huge int)
+    left, right = ops.effective_window(left, right, q.shape[0], k.shape[0])
+    out, _ = torch.ops.fastllm.attention_fwd(
         q, k, v, None, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale, left, right, cap
     )
     return out

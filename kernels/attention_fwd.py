@@ -76,13 +76,20 @@ def flat_grid(rows: int, block: int, heads: int, what: str) -> tuple[int]:
 
 
 @triton.jit
-def seq_bounds(b, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
-    """(start row, length) of sequence b in q and in k: packed offsets when VARLEN, else the padded sizes."""
+def seq_bounds(b, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, total_q, total_k, VARLEN: tl.constexpr):
+    """(start row, length) of sequence b in q and in k: packed offsets when VARLEN, else the padded sizes.
+
+    Packed offsets are clamped into the packed tensors (``total_q`` / ``total_k`` rows) and lengths cut to
+    ``seqlen_q`` / ``seqlen_k`` (max_seqlen), so offsets the host could not check (under torch.compile) never make
+    a program read or write out of bounds; rows cut off are left to the zero-filled outputs.
+    """
     if VARLEN:
-        q_start = tl.load(cu_seqlens_q + b)
-        q_len = tl.load(cu_seqlens_q + b + 1) - q_start
-        k_start = tl.load(cu_seqlens_k + b)
-        k_len = tl.load(cu_seqlens_k + b + 1) - k_start
+        q_start = tl.minimum(tl.maximum(tl.load(cu_seqlens_q + b), 0), total_q)
+        q_end = tl.minimum(tl.maximum(tl.load(cu_seqlens_q + b + 1), q_start), total_q)
+        k_start = tl.minimum(tl.maximum(tl.load(cu_seqlens_k + b), 0), total_k)
+        k_end = tl.minimum(tl.maximum(tl.load(cu_seqlens_k + b + 1), k_start), total_k)
+        q_len = tl.minimum(q_end - q_start, seqlen_q)
+        k_len = tl.minimum(k_end - k_start, seqlen_k)
     else:
         q_start = b * 0  # a tensor, like the loaded offsets
         q_len = seqlen_q
@@ -185,10 +192,73 @@ def kv_block_range(
     if HAS_RIGHT:
         hi = tl.minimum(hi, m_hi - 1 + diag + window_right + 1)
     if HAS_KPM:
-        lo = tl.maximum(lo, tl.load(kv_lo_ptr + b))
-        hi = tl.minimum(hi, tl.load(kv_hi_ptr + b))
+        lo = tl.maximum(lo, tl.load(kv_lo_ptr + 2 * b))
+        hi = tl.minimum(hi, tl.load(kv_hi_ptr + 2 * b))
     lo = (lo // BLOCK_N) * BLOCK_N
     return lo, hi
+
+
+@triton.jit
+def aligned_inner(lo, hi, a, z, BLOCK: tl.constexpr):
+    """Split the tile loop over [lo, hi) (lo a multiple of BLOCK) at the whole tiles inside [a, z): returns (u, w),
+    both multiples of BLOCK with lo <= u <= w, such that tiles [lo, u) and [w, hi) hold every tile that is not wholly
+    inside [a, z) (the masked stages) and [u, w) only tiles that are (the unmasked stage)."""
+    z = tl.maximum(tl.minimum(z, hi), lo)
+    a = tl.minimum(tl.maximum(a, lo), z)  # lo <= a <= z <= hi, all >= 0: // rounds down
+    u = (a + BLOCK - 1) // BLOCK * BLOCK
+    w = tl.maximum(z // BLOCK * BLOCK, u)
+    return u, w
+
+
+@triton.jit
+def two_ranges(r0, r1, s0, s1, BLOCK: tl.constexpr):
+    """(tiles of [r0, r1), tiles of both): the tile ranges [r0, r1) (its length a multiple of BLOCK, or <= 0) and
+    [s0, s1) walked as one loop ``for t in range(0, total)`` with ``tile_start``: the two masked stages share one
+    loop body, which keeps register pressure at two loop bodies per kernel (masked + interior)."""
+    first = tl.maximum(r1 - r0, 0) // BLOCK
+    return first, first + tl.cdiv(tl.maximum(s1 - s0, 0), BLOCK)
+
+
+@triton.jit
+def tile_start(t, first, r0, s0, BLOCK: tl.constexpr):
+    """Start of tile t of ``two_ranges``."""
+    return tl.where(t < first, r0 + t * BLOCK, s0 + (t - first) * BLOCK)
+
+
+@triton.jit
+def unmasked_key_range(
+    m0,
+    q_len,
+    k_len,
+    lo,
+    hi,
+    kv_lo_ptr,
+    kv_hi_ptr,
+    b,
+    window_left,
+    window_right,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Interior key tiles of the row tile [m0, m0 + BLOCK_M): the (u, w) of ``aligned_inner`` for the keys every
+    valid row of the tile sees. Key j is seen by all rows m0..m_last when j < k_len, j <= m0 + diag + right (the
+    first row's right edge), j >= m_last + diag - left (the last row's left edge) and j lies in the sequence's
+    contiguous run of unpadded keys (``kv_lo_ptr[2b + 1]``..``kv_hi_ptr[2b + 1]``, empty when the padding has holes).
+    """
+    diag = k_len - q_len
+    a = lo
+    z = k_len
+    if HAS_LEFT:
+        a = tl.maximum(a, tl.minimum(m0 + BLOCK_M, q_len) - 1 + diag - window_left)
+    if HAS_RIGHT:
+        z = tl.minimum(z, m0 + diag + window_right + 1)
+    if HAS_KPM:
+        a = tl.maximum(a, tl.load(kv_lo_ptr + 2 * b + 1))
+        z = tl.minimum(z, tl.load(kv_hi_ptr + 2 * b + 1))
+    return aligned_inner(lo, hi, a, z, BLOCK_N)
 
 
 @dataclass
@@ -261,15 +331,32 @@ class AttentionLaunch:
         return self.key_padding_mask.shape[1] if self.has_kpm else 0
 
     def mask_args(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(padding mask as uint8, first unpadded key per sequence, one past the last), or dummies."""
+        """(padding mask as uint8, key starts, key ends), or dummies without a padding mask.
+
+        Starts and ends are int32 (B, 2): column 0 spans the first..last unpadded key of each sequence (block
+        skipping), column 1 the same span when every key inside it is unpadded and an empty one otherwise (the
+        keys whose tiles need no padding test). Computed on the device: no host sync.
+        """
         if not self.has_kpm:
-            dummy = torch.zeros(1, device=device, dtype=torch.int32)
+            dummy = torch.zeros(2, device=device, dtype=torch.int32)
             return dummy.view(torch.uint8), dummy, dummy
         mask = self.key_padding_mask.contiguous()  # the kernels index row b at b * kpm_stride
         cols = torch.arange(mask.shape[1], device=device, dtype=torch.int32)
         kv_lo = torch.where(mask, cols, mask.shape[1]).amin(dim=1).to(torch.int32)
         kv_hi = torch.where(mask, cols + 1, 0).amax(dim=1).to(torch.int32)
-        return mask.view(torch.uint8), kv_lo, kv_hi
+        dense = mask.sum(dim=1, dtype=torch.int32) == kv_hi - kv_lo
+        starts = torch.stack([kv_lo, kv_lo], dim=1)
+        ends = torch.stack([kv_hi, torch.where(dense, kv_hi, kv_lo)], dim=1)
+        return mask.view(torch.uint8), starts, ends
+
+    def totals(self, q: torch.Tensor, k: torch.Tensor) -> tuple[int, int]:
+        """Rows of packed q and k (the kernels clamp packed offsets into them); unused (0) when padded."""
+        return (q.shape[0], k.shape[0]) if self.varlen else (0, 0)
+
+    def new_output(self, like: torch.Tensor) -> torch.Tensor:
+        """An output buffer like ``like``: zero-filled when packed, where rows past a sequence's max_seqlen are
+        written by no program (see ``seq_bounds``), else uninitialised (every element is written)."""
+        return torch.zeros_like(like) if self.varlen else torch.empty_like(like)
 
     @property
     def flags(self) -> dict[str, bool | str | int]:
@@ -291,7 +378,7 @@ class AttentionLaunch:
 # checked with ptxas: no register spills, shared memory within 227 KB. Wide heads and fp32 ("ieee" dots, twice
 # the bytes per element) get small tiles.
 _FWD_TILES = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1)]
-_FWD_TILES_D256 = [(64, 64, 8, 3), (128, 32, 8, 2), (64, 32, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)]
+_FWD_TILES_D256 = [(128, 32, 8, 2), (64, 64, 8, 3), (64, 32, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)]
 _FWD_TILES_FP32 = [(16, 64, 4, 2), (16, 32, 8, 2), (16, 16, 4, 1)]
 # fp32 at D = 256, for every attention kernel: larger tiles spill heavily (exact fp32 dots run on FMA units).
 FP32_D256_TILES = [(16, 16, 8, 1), (16, 16, 4, 1)]
@@ -305,6 +392,47 @@ def forward_tiles(block_d: int, fp32: bool) -> list[Tile]:
 
 
 @triton.jit
+def _fwd_tiles(
+    acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d, d_ok,
+    q_len, k_len, kpm_row, qk_scale, cap_scale, window_left, window_right, r0, r1, s0, s1,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr, SOFTCAP: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """Online-softmax update of (acc, l_i, m_i) over the key tiles of [r0, r1) and [s0, s1). MASKED tiles (diagonal,
+    window edge, padding, sequence end) test every (row, key) pair; unmasked ones are wholly visible and skip that."""
+    first, tiles = two_ranges(r0, r1, s0, s1, BLOCK_N)
+    for t in range(0, tiles):
+        n0 = tile_start(t, first, r0, s0, BLOCK_N)
+        cols = n0 + offs_n
+        # unmasked tiles lie inside the sequence: only the head-dim padding is masked
+        kv_mask = (cols[:, None] < k_len) & d_ok[None, :] if MASKED else d_ok[None, :]
+        k = tl.load(tile_ptrs(k_base, cols, stride_ks, offs_d), mask=kv_mask, other=0.0)
+        # S = Q K^T for this tile (fp32 accumulate), scaled into log2 units.
+        s, _ = scores_log2(tl.dot(q, tl.trans(k), input_precision=PRECISION), qk_scale, cap_scale, SOFTCAP)
+        if MASKED:
+            # invisible entries -> -inf; a row that has seen nothing yet keeps max -inf, so shift it by 0 instead
+            # (exp2(-inf - 0) = 0) to avoid -inf - -inf = NaN.
+            ok = visible(
+                offs_m[:, None], cols[None, :], q_len, k_len, kpm_row, window_left, window_right,
+                HAS_LEFT, HAS_RIGHT, HAS_KPM,
+            )  # fmt: skip
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every score of the tile is
+            m_shift = m_new
+        p = tl.exp2(s - m_shift[:, None])
+        # Rescale the old sum and accumulator from the old max to the new one, then add this tile.
+        alpha = tl.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(tile_ptrs(v_base, cols, stride_vs, offs_d), mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     kpm_ptr, kv_lo_ptr, kv_hi_ptr, cu_seqlens_q, cu_seqlens_k,
@@ -314,7 +442,7 @@ def _attention_fwd_kernel(
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
     stride_kpm,
-    n_heads, group, seqlen_q, seqlen_k, head_dim,
+    n_heads, group, seqlen_q, seqlen_k, total_q, total_k, head_dim,
     qk_scale, cap_scale, window_left, window_right,
     SEQ_BUCKET,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -322,7 +450,9 @@ def _attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     b, h, m0 = program_tile(n_heads, seqlen_q, BLOCK_M)
-    q_start, q_len, k_start, k_len = seq_bounds(b, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, VARLEN)
+    q_start, q_len, k_start, k_len = seq_bounds(
+        b, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, total_q, total_k, VARLEN
+    )
     if m0 >= q_len:
         return
 
@@ -346,32 +476,27 @@ def _attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
+    # Key tiles in two stages (FlashAttention-2's split): the interior tiles [u, w) every row of this tile sees whole
+    # (no mask arithmetic), then the masked ones on either side: [lo, u) left of it (window's left edge, padding) and
+    # [w, hi) right of it (causal diagonal / window's right edge, padding, the sequence's last partial tile).
     lo, hi = kv_block_range(
         m0, m0 + BLOCK_M, q_len, k_len, kv_lo_ptr, kv_hi_ptr, b, window_left, window_right,
         HAS_LEFT, HAS_RIGHT, HAS_KPM, BLOCK_N,
     )  # fmt: skip
-    for n0 in range(lo, hi, BLOCK_N):
-        cols = n0 + offs_n
-        kv_mask = (cols[:, None] < k_len) & d_ok[None, :]
-        k = tl.load(tile_ptrs(k_base, cols, stride_ks, offs_d), mask=kv_mask, other=0.0)
-        # S = Q K^T for this tile (fp32 accumulate), scaled into log2 units, invisible entries -> -inf.
-        s, _ = scores_log2(tl.dot(q, tl.trans(k), input_precision=PRECISION), qk_scale, cap_scale, SOFTCAP)
-        ok = visible(
-            offs_m[:, None], cols[None, :], q_len, k_len, kpm_row, window_left, window_right,
-            HAS_LEFT, HAS_RIGHT, HAS_KPM,
-        )  # fmt: skip
-        s = tl.where(ok, s, float("-inf"))
-        # New running max; a row that has seen nothing yet keeps max -inf, so shift it by 0 instead
-        # (exp2(-inf - 0) = 0) to avoid -inf - -inf = NaN.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_shift[:, None])
-        # Rescale the old sum and accumulator from the old max to the new one, then add this tile.
-        alpha = tl.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(tile_ptrs(v_base, cols, stride_vs, offs_d), mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    u, w = unmasked_key_range(
+        m0, q_len, k_len, lo, hi, kv_lo_ptr, kv_hi_ptr, b, window_left, window_right,
+        HAS_LEFT, HAS_RIGHT, HAS_KPM, BLOCK_M, BLOCK_N,
+    )  # fmt: skip
+    acc, l_i, m_i = _fwd_tiles(
+        acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d, d_ok, q_len, k_len, kpm_row,
+        qk_scale, cap_scale, window_left, window_right, u, w, w, w,
+        HAS_LEFT, HAS_RIGHT, HAS_KPM, SOFTCAP, PRECISION, BLOCK_N, False,
+    )  # fmt: skip
+    acc, l_i, m_i = _fwd_tiles(
+        acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d, d_ok, q_len, k_len, kpm_row,
+        qk_scale, cap_scale, window_left, window_right, lo, u, w, hi,
+        HAS_LEFT, HAS_RIGHT, HAS_KPM, SOFTCAP, PRECISION, BLOCK_N, True,
+    )  # fmt: skip
 
     # O = acc / l; lse = (m + log2 l) * ln 2 in natural units. A row that saw no key has l = 0:
     # it outputs zeros and lse = -inf (the backward then gives it zero gradients).
@@ -398,9 +523,12 @@ def seq_strides(t: torch.Tensor, params: AttentionLaunch) -> tuple[int, int, int
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def new_row_stats(q: torch.Tensor, params: AttentionLaunch) -> torch.Tensor:
-    """An fp32 per-query-row buffer (lse, delta): (B, H, Sq) padded or (H, total_q) packed."""
+def new_row_stats(q: torch.Tensor, params: AttentionLaunch, fill: float | None = None) -> torch.Tensor:
+    """An fp32 per-query-row buffer (lse, delta): (B, H, Sq) padded or (H, total_q) packed; packed ones are filled
+    with ``fill`` when given (rows past a sequence's max_seqlen are written by no program)."""
     shape = (q.shape[1], q.shape[0]) if params.varlen else q.shape[:3]
+    if params.varlen and fill is not None:
+        return torch.full(shape, fill, device=q.device, dtype=torch.float32)
     return torch.empty(shape, device=q.device, dtype=torch.float32)
 
 
@@ -421,8 +549,8 @@ def attention_forward(
 
     Returns (out like q, lse fp32: (B, H, Sq) padded or (H, total_q) packed).
     """
-    out = torch.empty_like(q)
-    lse = new_row_stats(q, params)
+    out = params.new_output(q)
+    lse = new_row_stats(q, params, fill=float("-inf"))
     n_heads = q.shape[1]
     grid = lambda meta: flat_grid(params.max_seqlen_q, meta["BLOCK_M"], params.batch * n_heads, "attention forward")
     _forward_tuner(params)[grid](
@@ -431,7 +559,7 @@ def attention_forward(
         *seq_strides(q, params), *seq_strides(k, params), *seq_strides(v, params), *seq_strides(out, params),
         *row_stat_strides(lse, params),
         params.kpm_stride,
-        n_heads, params.group, params.max_seqlen_q, params.max_seqlen_k, params.head_dim,
+        n_heads, params.group, params.max_seqlen_q, params.max_seqlen_k, *params.totals(q, k), params.head_dim,
         params.qk_scale, params.cap_scale, params.window_left, params.window_right,
         params.seq_bucket, **params.flags,
     )  # fmt: skip

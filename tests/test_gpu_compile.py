@@ -21,10 +21,11 @@ import json
 from dataclasses import dataclass, field
 
 import pytest
+import torch
 import triton
 from _triton_compile import SM90_SHARED_LIMIT, KernelSpec, compile_for_gpu, python_without_interpreter
 
-from fastllm.kernels import attention_bwd, attention_fwd, cross_entropy_fused
+from fastllm.kernels import attention_bwd, attention_decode, attention_fwd, cross_entropy_fused
 
 nf4_fused = importlib.import_module("fastllm.kernels.nf4_fused")
 nf4_dense = importlib.import_module("fastllm.kernels.nf4_dense")
@@ -186,11 +187,43 @@ def cross_entropy_entries() -> list[Entry]:
     return entries
 
 
+# ---- split-KV decode attention ---------------------------------------------------------------------------
+
+# (dtype, head dim, GQA group, Sq, flags) -> the decode kernel's GPU tile for that launch.
+DECODE_CASES = {
+    "bf16-d128-g4-sq1-causal-padding": ("bf16", 128, 4, 1, {"HAS_RIGHT": True, "HAS_KPM": True}),
+    "fp16-d128-g8-sq8-window-softcap": ("fp16", 128, 8, 8, {"HAS_LEFT": True, "HAS_RIGHT": True, "SOFTCAP": True}),
+    "bf16-d256-g8-sq4-all": ("bf16", 256, 8, 4, {"HAS_LEFT": True, "HAS_RIGHT": True, "HAS_KPM": True,
+                                                 "SOFTCAP": True}),
+    "fp32-d64-g4-sq16-causal": ("fp32", 64, 4, 16, {"HAS_RIGHT": True}),
+}  # fmt: skip
+DECODE_SPLIT = "fastllm.kernels.attention_decode:_decode_split_kernel"
+DECODE_COMBINE = "fastllm.kernels.attention_decode:_decode_combine_kernel"
+
+
+def decode_entries() -> list[Entry]:
+    """The split and combine kernels of split-KV decoding, at the tile each case launches on a GPU."""
+    entries = []
+    for case, (dtype, dim, group, sq, flags) in DECODE_CASES.items():
+        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+        launch = attention_fwd.AttentionLaunch(1, group, dim, sq, 4096, 1.0, 0.0, -1, -1, torch_dtype)
+        _, block_m, block_n, warps = attention_decode.decode_tile(launch, sq, interpret=False)
+        types = {**attention_types(dtype), "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32"}
+        masks = {k: v for k, v in NO_MASKS.items() if k != "VARLEN"}
+        constexprs = {**masks, **flags, "BLOCK_D": dim, "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+        tile = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+        entries.append(Entry(f"decode_split-{case}", DECODE_SPLIT, types, constexprs, [(tile, warps, 2)], STRIDES))
+        combine = [({"BLOCK_S": 64}, 4, 1)]
+        entries.append(Entry(f"decode_combine-{case}", DECODE_COMBINE, types, {"BLOCK_D": dim}, combine, STRIDES))
+    return entries
+
+
 # ---- every kernel: append the entries of a new kernel here ----------------------------------------------------
 KERNELS: list[Entry] = [
     *attention_entries(),
     *nf4_entries(),
     *cross_entropy_entries(),
+    *decode_entries(),
 ]
 
 
@@ -212,10 +245,19 @@ SPECS = _unique_specs(KERNELS)
 # change): the kernels' owners retune or drop them. Strict: an entry that stops spilling fails until removed here.
 # Other Triton versions (the GPU machines run 3.6, another ptxas) are held to no spill at all.
 SPILLS_WITH_TRITON_39 = {
-    "attention_fwd_kernel-every-tile-bf16-d256-every-mask[m64-n64-w8-s3]": "48 B spill stores (the D=256 default)",
+    "attention_fwd_kernel-every-tile-bf16-d256-every-mask[m64-n64-w8-s3]": "48 B spill stores",
     "attention_fwd_kernel-every-tile-bf16-d256-every-mask[m32-n64-w4-s2]": "140 B spill stores",
-    "attention_fwd_kernel-every-tile-fp32-d128-every-mask[m16-n32-w8-s2]": "8 B spill stores",
     "attention_dq_kernel-every-tile-bf16-d256-every-mask[m32-n128-w8-s2]": "4 B spill stores",
+    # Found after the interior/masked tile split of the attention kernels (fp32 and the dK/dV defaults):
+    "attention_dkdv_kernel-bf16-d128-plain[m16-n64-w8-s2]": "60 B spill stores (the d128 bf16 default)",
+    "attention_dkdv_kernel-bf16-d64-softcap[m64-n64-w4-s2]": "52 B spill stores",
+    "attention_dkdv_kernel-fp16-d128-varlen-causal-softcap[m16-n64-w8-s2]": "8 B spill stores",
+    "attention_dq_kernel-fp32-d64-causal-softcap[m32-n32-w4-s2]": "8 B spill stores",
+    "attention_dkdv_kernel-every-tile-fp32-d128-every-mask[m16-n32-w4-s2]": "56 B spill stores",
+    "attention_dkdv_kernel-every-tile-fp32-d128-every-mask[m32-n16-w4-s2]": "88 B spill stores",
+    "attention_dkdv_kernel-every-tile-fp32-d256-every-mask[m16-n16-w4-s1]": "32 B spill stores",
+    "attention_dq_kernel-every-tile-fp32-d128-every-mask[m32-n32-w4-s2]": "2024 B spill stores",
+    "attention_dq_kernel-every-tile-fp32-d128-every-mask[m16-n32-w4-s2]": "660 B spill stores",
 }
 _TRITON_39 = triton.__version__.startswith("3.9")
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from _metrics import rel_err
 from _tiny_models import make_model
+from _triton_compile import python_without_interpreter
 from transformers import AttentionInterface, DataCollatorWithFlattening
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -270,3 +271,57 @@ def test_attention_function_reads_bool_additive_and_static_cache_masks():
         out, weights = fastllm_hf.fastllm_attention_forward(module, q, k, v, mask, scaling=0.25)
         assert weights is None and out.shape == (2, 7, 4, 16)
         assert rel_err(out.transpose(1, 2), ref) < 1e-5
+
+
+def test_mask_is_read_once_per_forward(monkeypatch):
+    """Every layer gets the same mask tensor: it is read (host syncs) once per distinct mask and forward, not once
+    per layer; a mask changed in place, or a new mask, is read again."""
+    reads = []
+    real = fastllm_hf._mask_plan
+    monkeypatch.setattr(fastllm_hf, "_mask_plan", lambda *args: reads.append(args[0]) or real(*args))
+    model = tiny("llama", "fastllm", num_hidden_layers=3)
+    ids, mask = batch_with_padding("left")
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    assert len(reads) == 1 and reads[0] is not None
+    module = torch.nn.Module()
+    module.is_causal = True
+    q = torch.randn(2, 2, 6, 16)
+    allowed = reference.attention_visibility(6, 6, causal=True).expand(2, 1, 6, 6).clone()
+    first, _ = fastllm_hf.fastllm_attention_forward(module, q, q, q, allowed)
+    assert torch.equal(fastllm_hf.fastllm_attention_forward(module, q, q, q, allowed)[0], first)
+    assert len(reads) == 2
+    allowed[1, 0, :, :2] = False  # padding now: must be read again and change the result
+    again, _ = fastllm_hf.fastllm_attention_forward(module, q, q, q, allowed)
+    assert len(reads) == 3 and not torch.equal(again[1], first[1])
+    assert torch.equal(again[0], first[0])
+
+
+# The model comparisons of this file, rerun in a process without TRITON_INTERPRET: there "fastllm" attention on CPU
+# tensors runs the op's CPU implementation (PyTorch's fused CPU attention; the reference math under softcap).
+_CPU_IMPLEMENTATION_SCRIPT = """
+import test_hf_attention as t
+from fastllm.kernels import _config
+
+assert not _config.INTERPRET
+for arch in t.PADDING_SIDE:
+    t.test_text_model_matches_eager_with_padding(arch)
+for arch in ("llama", "gemma2"):
+    t.test_cached_generation_matches_eager(arch)
+    for with_offsets in (False, True):
+        t.test_packed_sequences_match_separate_sequences(arch, with_offsets)
+t.test_llava_matches_eager()
+t.test_gemma2_window_and_softcap_are_exercised()
+for causal in (True, False):
+    t.test_attention_function_reads_block_diagonal_masks(causal)
+t.test_attention_function_reads_bool_additive_and_static_cache_masks()
+print("ok")
+"""
+
+
+def test_cpu_implementation_matches_eager():
+    """Without the interpreter (PyTorch's fused CPU attention inside the op): the same logits, gradients and greedy
+    generations as eager attention, on every model of this file."""
+    proc = python_without_interpreter(["-c", _CPU_IMPLEMENTATION_SCRIPT])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.strip().splitlines()[-1] == "ok"

@@ -26,6 +26,10 @@ eager attention outputs an average over all keys; those rows are padding and are
 
 from __future__ import annotations
 
+import collections
+import weakref
+from typing import NamedTuple
+
 import torch
 
 from fastllm import reference
@@ -115,6 +119,101 @@ def _packed_attention(
     return out.view(batch, seq, *out.shape[1:])
 
 
+class _MaskPlan(NamedTuple):
+    """What a layer's mask means to the kernel: keys to keep (``k_len``; None = all), a key padding vector (B, Sk)
+    or None, and packed-sequence segment ids (B, S) or None (then the rows run through ``attention_varlen``)."""
+
+    k_len: int | None
+    padding: torch.Tensor | None
+    segments: torch.Tensor | None
+
+
+class _PlanCache:
+    """The plans of the last few masks: one forward passes the same mask (and offsets) tensor to every layer, and
+    reading a mask costs host syncs, so each is read once. An entry holds weak references to its tensors and
+    their versions (an in-place change or a new tensor at a reused address misses), plus the layer options."""
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self.entries: collections.OrderedDict[tuple, tuple[list, _MaskPlan]] = collections.OrderedDict()
+
+    @staticmethod
+    def _stamp(tensors: tuple[torch.Tensor | None, ...]) -> list:
+        return [None if t is None else (weakref.ref(t), t._version) for t in tensors]
+
+    @staticmethod
+    def _key(tensors: tuple[torch.Tensor | None, ...], options: tuple) -> tuple:
+        return (*(None if t is None else id(t) for t in tensors), *options)
+
+    def get(self, tensors: tuple[torch.Tensor | None, ...], options: tuple) -> _MaskPlan | None:
+        entry = self.entries.get(self._key(tensors, options))
+        if entry is None:
+            return None
+        stamps, plan = entry
+        for t, stamp in zip(tensors, stamps, strict=True):
+            if (t is None) != (stamp is None) or (t is not None and (stamp[0]() is not t or stamp[1] != t._version)):
+                return None
+        return plan
+
+    def put(self, tensors: tuple[torch.Tensor | None, ...], options: tuple, plan: _MaskPlan) -> None:
+        key = self._key(tensors, options)
+        self.entries[key] = (self._stamp(tensors), plan)
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+
+
+_plans = _PlanCache()
+
+
+def _mask_plan(
+    attention_mask: torch.Tensor | None,
+    segments: torch.Tensor | None,
+    batch: int,
+    q_len: int,
+    k_len: int,
+    causal: bool,
+    window: tuple[int, int] | None,
+    sliding_window: int | None,
+) -> _MaskPlan:
+    """Read a 4-D mask (with the segments given by offsets, if any) as a ``_MaskPlan``; raise where the kernel
+    cannot express it."""
+    if attention_mask is None:
+        return _MaskPlan(None, None, segments)
+    if attention_mask.dim() != 4 or attention_mask.shape[-2:] != (q_len, k_len):
+        raise ValueError(f"attention_mask: expected shape (B, 1, {q_len}, {k_len}), got {tuple(attention_mask.shape)}")
+    allowed = _bool_mask(attention_mask)
+    if allowed.shape[1] != 1:
+        if not bool((allowed == allowed[:, :1]).all()):
+            raise ValueError("attention_mask: fastllm attention needs the same mask for every head")
+        allowed = allowed[:, :1]
+    allowed = allowed.expand(batch, 1, q_len, k_len)
+    kept, padding = None, None
+    if segments is None:
+        # Keys nobody sees at the end (unfilled static-cache slots) are dropped, so that the kernel's
+        # bottom-right causal alignment lines up with the last real key.
+        seen = allowed.any(dim=(0, 1, 2)).nonzero()
+        kept = int(seen[-1]) + 1 if seen.numel() else 1
+        allowed = allowed[..., :kept]
+        padding = allowed.any(dim=2)[:, 0]  # (B, Sk): a key some query sees is not padding
+        rebuilt = reference.attention_visibility(
+            q_len, kept, causal=causal, window=window, key_padding_mask=padding, device=allowed.device
+        )
+        if torch.equal(rebuilt.expand_as(allowed), allowed):
+            return _MaskPlan(kept, None if bool(padding.all()) else padding, None)
+        # not one sequence per row: maybe several packed ones, each causal / windowed on its own
+        segments = _mask_segments(allowed)
+    if segments is None or not torch.equal(_packed_visibility(segments, causal, window), allowed):
+        raise ValueError(
+            f"attention_mask: fastllm attention expresses a mask as causal={causal}, sliding_window="
+            f"{sliding_window} and a key padding vector, or as packed sequences each under that causal / "
+            "window pattern (blocks on the diagonal, or the cu_seq_lens_q/k offsets); this mask has another "
+            "pattern (a custom mask function, a prefix-LM mask, padding inside packed rows?). "
+            "Use attn_implementation='sdpa' for it"
+        )
+    return _MaskPlan(None, None, segments)
+
+
 def fastllm_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -134,7 +233,8 @@ def fastllm_attention_forward(
     (B or 1, 1, Sq, Sk), or None. Causality comes from ``is_causal`` (else ``module.is_causal``), the window
     from ``sliding_window`` (else ``module.sliding_window``), softcap and scaling from the layer. Packed rows
     (blocks on the mask's diagonal, or int ``cu_seq_lens_q`` == ``cu_seq_lens_k`` (n + 1,) offsets into the
-    flattened B * S tokens among ``kwargs``) run as separate sequences through ``attention_varlen``.
+    flattened B * S tokens among ``kwargs``) run as separate sequences through ``attention_varlen``. A mask (and
+    offsets) tensor is read once and its reading reused by the next layers that get the same tensor.
     """
     if dropout:
         raise ValueError(
@@ -148,57 +248,30 @@ def fastllm_attention_forward(
         sliding_window = getattr(module, "sliding_window", None)
     window = _window(sliding_window, causal)
     batch, _, q_len, _ = query.shape
+    k_len = key.shape[2]
     options = dict(causal=causal, scale=scaling, window=window, softcap=softcap)
-    segments = _given_segments(kwargs, batch, q_len, key.shape[2])
-    padding = None
 
+    tensors = (attention_mask, kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k"))
+    cached = not torch.compiler.is_compiling() and any(t is not None for t in tensors)
+    shape = (batch, q_len, k_len, causal, window, sliding_window)
+    plan = _plans.get(tensors, shape) if cached else None
+    if plan is None:
+        segments = _given_segments(kwargs, batch, q_len, k_len)
+        plan = _mask_plan(attention_mask, segments, batch, q_len, k_len, causal, window, sliding_window)
+        if cached:
+            _plans.put(tensors, shape, plan)
+
+    if plan.segments is not None:
+        return _packed_attention(query, key, value, plan.segments, **options), None
     if attention_mask is None:
-        if segments is not None:  # the offsets are all there is to go by, as for flash-attention
-            return _packed_attention(query, key, value, segments, **options), None
         # Same reading of a missing mask as SDPA: causal only for more than one query; a longer key cache
         # without a mask only happens for an empty static cache, whose keys past the queries are unused.
         options["causal"] = causal and q_len > 1
-        if options["causal"] and key.shape[2] > q_len:
+        if options["causal"] and k_len > q_len:
             key, value = key[:, :, :q_len], value[:, :, :q_len]
-    else:
-        if attention_mask.dim() != 4 or attention_mask.shape[-2:] != (q_len, key.shape[2]):
-            raise ValueError(
-                f"attention_mask: expected shape (B, 1, {q_len}, {key.shape[2]}), got {tuple(attention_mask.shape)}"
-            )
-        allowed = _bool_mask(attention_mask)
-        if allowed.shape[1] != 1:
-            if not bool((allowed == allowed[:, :1]).all()):
-                raise ValueError("attention_mask: fastllm attention needs the same mask for every head")
-            allowed = allowed[:, :1]
-        allowed = allowed.expand(batch, 1, q_len, key.shape[2])
-        packed = segments is not None
-        if not packed:
-            # Keys nobody sees at the end (unfilled static-cache slots) are dropped, so that the kernel's
-            # bottom-right causal alignment lines up with the last real key.
-            seen = allowed.any(dim=(0, 1, 2)).nonzero()
-            k_len = int(seen[-1]) + 1 if seen.numel() else 1
-            allowed = allowed[..., :k_len]
-            key, value = key[:, :, :k_len], value[:, :, :k_len]
-            padding = allowed.any(dim=2)[:, 0]  # (B, Sk): a key some query sees is not padding
-            rebuilt = reference.attention_visibility(
-                q_len, k_len, causal=causal, window=window, key_padding_mask=padding, device=query.device
-            )
-            if torch.equal(rebuilt.expand_as(allowed), allowed):
-                padding = None if bool(padding.all()) else padding
-            else:  # not one sequence per row: maybe several packed ones, each causal / windowed on its own
-                segments, packed = _mask_segments(allowed), True
-        if packed:
-            if segments is None or not torch.equal(_packed_visibility(segments, causal, window), allowed):
-                raise ValueError(
-                    f"attention_mask: fastllm attention expresses a mask as causal={causal}, sliding_window="
-                    f"{sliding_window} and a key padding vector, or as packed sequences each under that causal / "
-                    "window pattern (blocks on the diagonal, or the cu_seq_lens_q/k offsets); this mask has another "
-                    "pattern (a custom mask function, a prefix-LM mask, padding inside packed rows?). "
-                    "Use attn_implementation='sdpa' for it"
-                )
-            return _packed_attention(query, key, value, segments, **options), None
-
-    out = attention(query, key, value, key_padding_mask=padding, **options)
+    elif plan.k_len < k_len:
+        key, value = key[:, :, : plan.k_len], value[:, :, : plan.k_len]
+    out = attention(query, key, value, key_padding_mask=plan.padding, **options)
     return out.transpose(1, 2).contiguous(), None
 
 

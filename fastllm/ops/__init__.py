@@ -11,10 +11,12 @@ Layering: this package sits above ``fastllm.nf4`` / ``fastllm._C`` / ``fastllm.r
 
 - :mod:`fastllm.ops.nf4`: quantize_nf4 / decode_scales / dequantize_nf4 / nf4_gemv (C++ schemas; fakes here),
   nf4_dequantize, nf4_matmul, nf4_matmul_t.
+- :mod:`fastllm.ops.attention`: attention_fwd / attention_bwd (flash attention; the CPU body runs PyTorch's fused
+  CPU attention where it can express the case, else the reference).
 - :mod:`fastllm.ops.linear_cross_entropy`: linear_cross_entropy, linear_cross_entropy_backward (the fused
   linear + cross-entropy loss; chunked, never the (T, V) logits).
 """
 
-from fastllm.ops import linear_cross_entropy, nf4
+from fastllm.ops import attention, linear_cross_entropy, nf4
 
-__all__ = ["linear_cross_entropy", "nf4"]
+__all__ = ["attention", "linear_cross_entropy", "nf4"]
