@@ -133,6 +133,9 @@ print(f'{torch.cuda.get_device_name()}: device-to-device copy {copy_bandwidth_gb
 # Benchmark suites, the numbers that matter most first: a time limit cuts the tail (FlexAttention compiles are
 # slow). ---- Suites of other issues go in this list: `load` (issue 9, quantize-on-load) and `model` (issue 12,
 # whole-model training step). A name benchmarks/runner.py does not register yet is reported, not fatal. ----
+# The fused-vs-dequantize+cuBLAS timings behind the NF4 large-M auto choice (fastllm.ops.gemm_choice).
+stage nf4-choice 90 -- python3 -m benchmarks.suite_nf4_matmul cuda
+cat "$OUT/nf4-choice.log"
 ORDER=(qlora nf4_matmul quantize attention load model)
 KNOWN=" $(python3 -c 'from benchmarks.runner import SUITES; print(" ".join(SUITES))' 2>/dev/null) "
 SUITES=()

@@ -54,10 +54,12 @@ def _cpu_isa() -> str:
 
 def _matmul_path(device: torch.device) -> str:
     if uses_triton(device):
-        return "Triton fused dequantize-matmul" + (" (interpreter)" if device.type == "cpu" else "")
+        where = " (interpreter)" if device.type == "cpu" else ""
+        large = "fused dequantize-matmul or dequantize + cuBLAS, timed at first use"
+        return f"Triton GEMV for small M; large M: {large}{where}"
     gemv = "C++ nf4_gemv for M <= 16" if _backend.has_op("nf4_gemv", device) else "no fused GEMV"
     dequant = "C++" if _backend.has_op("dequantize_nf4", device) else "reference"
-    return f"{gemv}; else {dequant} dequantize + torch matmul"
+    return f"{gemv}; else {dequant} dequantize (banded or whole weight, timed at first use) + torch matmul"
 
 
 def _attention_path(device: torch.device) -> str:
