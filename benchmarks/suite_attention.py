@@ -249,15 +249,18 @@ def _decode_setup(p: Decode, provider: str, device: torch.device):
     k, v = (randn((p.batch, p.kv_heads, p.cache, p.head_dim), torch.bfloat16, device, s) for s in (2, 3))
     if provider == "fastllm":
         attention = require_attr("fastllm.kernels.attention", "attention")
-        return lambda: attention(q, k, v, causal=True)
-    return lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # one row sees the whole cache
+        fn = lambda: attention(q, k, v, causal=True)  # noqa: E731
+        # One row sees the whole cache: SDPA in fp32 without a mask is the oracle.
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
+        return fn, {"rel_err": rel_err(fn(), ref)}
+    return lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
 
 LLAMA_STEP_PROVIDERS = ("fastllm", "sdpa", "eager")
 
 
-def _llama_step_setup(settings: Settings, attn_implementation: str):
-    """A training step of the small Llama of the module docstring (fewer layers and tokens when tiny)."""
+def _llama(settings: Settings, attn_implementation: str):
+    """The small Llama of the module docstring (fewer layers and tokens when tiny), seeded, and its batch."""
     transformers = require("transformers")
     if attn_implementation == "fastllm":
         require("fastllm.integrations.transformers")  # registers "fastllm"
@@ -270,13 +273,24 @@ def _llama_step_setup(settings: Settings, attn_implementation: str):
     with torch.device(settings.device):
         model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).train()
     ids = torch.randint(0, config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(1))
-    ids = ids.to(settings.device)
+    return model, ids.to(settings.device)
+
+
+def _llama_step_setup(settings: Settings, attn_implementation: str):
+    """A training step (forward with labels, backward) of :func:`_llama`; fastllm's also reports the rel_err of
+    its loss against the same model with eager attention."""
+    model, ids = _llama(settings, attn_implementation)
 
     def step():
         model.zero_grad(set_to_none=True)
         model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
 
-    return step
+    if attn_implementation != "fastllm":
+        return step
+    eager, _ = _llama(settings, "eager")
+    with torch.no_grad():
+        loss, ref = (m(input_ids=ids, labels=ids, use_cache=False).loss for m in (model, eager))
+    return step, {"rel_err": rel_err(loss, ref)}
 
 
 def model_cases(settings: Settings) -> list[Case]:

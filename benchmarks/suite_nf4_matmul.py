@@ -101,8 +101,8 @@ def setup_dequantize(provider: str, n: int, k: int, device: torch.device):
         fn = lambda: w.dequantize(torch.bfloat16)  # noqa: E731
     cpu = [None if t is None else t.cpu() for t in w.tensors()]
     ref = require_attr("fastllm.reference", "dequantize_nf4")(*cpu, 64, w.shape, torch.bfloat16)
-    exact = torch.equal(fn().cpu(), ref)
-    return fn, {"bit_exact": exact}
+    got = fn().cpu()
+    return fn, {"bit_exact": torch.equal(got, ref), "rel_err": rel_err(got, ref)}
 
 
 def setup_case(op: str, provider: str, m: int, n: int, k: int, device: torch.device):

@@ -122,7 +122,7 @@ def test_adapter_refusals_leave_model_unchanged(tmp_path):
         (_save_one(tmp_path, "prefix", tensors, {**config, "peft_type": "PREFIX_TUNING"}), "peft_type must be 'LORA'"),
         (_save_one(tmp_path, "ranks", tensors, {**config, "rank_pattern": {"q_proj": 8}}), "rank_pattern"),
         (_save_one(tmp_path, "alphas", tensors, {**config, "alpha_pattern": {"q_proj": 2}}), "alpha_pattern"),
-        (_save_one(tmp_path, "alpha", tensors, {**config, "lora_alpha": 0}), "lora_alpha must be > 0"),
+        (_save_one(tmp_path, "alpha", tensors, {**config, "lora_alpha": 0}), "lora_alpha must be a finite number > 0"),
         (_save_one(tmp_path, "ints", {**tensors, key: tensors[key].to(torch.int32)}, config), "floating point"),
     ]
     for path, message in refused:
