@@ -10,13 +10,13 @@ import sys
 import time
 import traceback
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from tqdm import tqdm
 
 from benchmarks import environment
-from benchmarks.harness import METRICS, Case, Settings, Skip, Timing, synchronize, time_ms
+from benchmarks.harness import METRICS, Case, Settings, Skip, Timing, synchronize, time_interleaved, time_ms
 
 SUITES = ("quantize", "nf4_matmul", "attention", "qlora", "load", "model")
 
@@ -62,35 +62,93 @@ def _row(suite, case, shape, dtype, provider, status, reason, metric, **numbers)
     return row
 
 
-def measure(case: Case, settings: Settings, copy_gbps: float | None) -> dict:
-    """Set up and time one case; a Skip or an exception becomes a row with the reason and no number."""
+def _comparison(case: Case) -> tuple:
+    """Rows with the same key are compared with each other (``add_ratios``)."""
+    return case.suite, case.case, tuple(sorted(case.shape.items())), case.dtype
+
+
+def _groups(cases: list[Case]) -> list[list[Case]]:
+    """Cases in run order, each interleaved case with the interleaved ones of its comparison (timed together)."""
+    groups: list[list[Case]] = []
+    open_groups: dict[tuple, list[Case]] = {}
+    for case in cases:
+        if not case.interleave:
+            groups.append([case])
+        elif _comparison(case) in open_groups:
+            open_groups[_comparison(case)].append(case)
+        else:
+            open_groups[_comparison(case)] = [case]
+            groups.append(open_groups[_comparison(case)])
+    return groups
+
+
+def _failed_row(case: Case, exc: Exception) -> dict:
+    """A Skip or an exception of a case's setup or timing as a row with the reason and no number."""
     base = (case.suite, case.case, case.shape, case.dtype, case.provider)
-    try:
-        prepared = case.setup()
-        fn, extra = prepared if isinstance(prepared, tuple) else (prepared, {})
-        # A case that must time itself (e.g. one load per fresh process) returns its Timing instead of a callable.
-        timing = fn if isinstance(fn, Timing) else time_ms(fn, settings)
-        extra = {**case.extra, **extra, "min_ms": timing.min_ms}
-        if case.track_memory and settings.cuda and callable(fn):
-            extra["peak_mem_GiB"] = _peak_memory_gib(fn, settings.device)
-    except Skip as exc:
+    if isinstance(exc, Skip):
         return _row(*base, "skipped", str(exc), case.metric)
-    except Exception as exc:  # a provider failing must not stop the run; the row says why
-        tqdm.write(f"[{case.suite}/{case.case}/{case.provider}] failed:\n{traceback.format_exc(limit=3)}")
-        message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        return _row(*base, "error", f"{type(exc).__name__}: {message}", case.metric)
+    # a provider failing must not stop the run; the row says why
+    trace = "".join(traceback.format_exception(exc, limit=3))
+    tqdm.write(f"[{case.suite}/{case.case}/{case.provider}] failed:\n{trace}")
+    message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    return _row(*base, "error", f"{type(exc).__name__}: {message}", case.metric)
+
+
+def _ok_row(case: Case, timing: Timing, extra: dict, copy_gbps: float | None) -> dict:
+    ms = timing.median_ms
+    value = case.work / (ms * 1e-3) / METRICS[case.metric]
+    extra = {**case.extra, **extra, "min_ms": timing.min_ms}
+    if case.metric == "GB/s" and copy_gbps:
+        extra["pct_of_copy_bw"] = round(100 * value / copy_gbps, 1)
+    base = (case.suite, case.case, case.shape, case.dtype, case.provider)
+    return _row(*base, "ok", None, case.metric, median_ms=ms, value=value, reps=timing.reps, timer=timing.timer,
+                extra=extra)  # fmt: skip
+
+
+def _prepare(case: Case, settings: Settings) -> tuple[object, dict]:
+    """(the callable to time, or a Timing the case took itself; extra figures) from the case's setup."""
+    prepared = case.setup()
+    fn, extra = prepared if isinstance(prepared, tuple) else (prepared, {})
+    if case.track_memory and settings.cuda and callable(fn):
+        extra = {**extra, "peak_mem_GiB": _peak_memory_gib(fn, settings.device)}
+    return fn, extra
+
+
+def measure(group: list[Case], settings: Settings, copy_gbps: float | None) -> list[dict]:
+    """Set up and time a group of cases (one case, or the interleaved providers of one comparison): a row each."""
+    rows: list[dict | None] = [None] * len(group)
+    timed: list[tuple[int, Callable[[], object], dict]] = []  # (index, call, extra) of the cases to time
+    try:
+        for index, case in enumerate(group):
+            try:
+                fn, extra = _prepare(case, settings)
+            except Exception as exc:
+                rows[index] = _failed_row(case, exc)
+                continue
+            if isinstance(fn, Timing):  # a case that must time itself (e.g. one load per fresh process)
+                rows[index] = _ok_row(case, fn, extra, copy_gbps)
+            else:
+                timed.append((index, fn, extra))
+        timings: list[Timing] | None = None
+        try:
+            timings = time_interleaved([fn for _, fn, _ in timed], settings)
+        except Exception as exc:
+            if len(timed) == 1:
+                rows[timed[0][0]] = _failed_row(group[timed[0][0]], exc)
+                timed = []
+            # else: one of the interleaved calls failed; time each alone below, so the failing row says why
+        for position, (index, fn, extra) in enumerate(timed):
+            try:
+                timing = timings[position] if timings else time_ms(fn, settings)
+                rows[index] = _ok_row(group[index], timing, extra, copy_gbps)
+            except Exception as exc:
+                rows[index] = _failed_row(group[index], exc)
     finally:
-        prepared = fn = None
+        timed = []
         gc.collect()
         if settings.cuda:
             torch.cuda.empty_cache()
-    ms = timing.median_ms
-    value = case.work / (ms * 1e-3) / METRICS[case.metric]
-    if case.metric == "GB/s" and copy_gbps:
-        extra["pct_of_copy_bw"] = round(100 * value / copy_gbps, 1)
-    return _row(
-        *base, "ok", None, case.metric, median_ms=ms, value=value, reps=timing.reps, timer=timing.timer, extra=extra
-    )
+    return rows
 
 
 def _peak_memory_gib(fn, device: torch.device) -> float:
@@ -137,19 +195,21 @@ def run(suites: Sequence[str], settings: Settings) -> tuple[list[dict], dict]:
     }
     facts["copy_bandwidth_GBps"] = environment.copy_bandwidth_gbps(settings.device, 64 if settings.tiny else 1024)
     cases, records = collect(suites, settings)
-    bar = tqdm(cases, desc="benchmarks", unit="case", file=sys.stderr, dynamic_ncols=True)
-    done = 0
+    bar = tqdm(total=len(cases), desc="benchmarks", unit="case", file=sys.stderr, dynamic_ncols=True)
+    done: list[Case] = []
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        for case in bar:
-            bar.set_postfix_str(f"{case.suite}/{case.case}/{case.provider}", refresh=True)
-            records.append(measure(case, settings, facts["copy_bandwidth_GBps"]))
-            done += 1
+        for group in _groups(cases):
+            providers = "+".join(case.provider for case in group)
+            bar.set_postfix_str(f"{group[0].suite}/{group[0].case}/{providers}", refresh=True)
+            records.extend(measure(group, settings, facts["copy_bandwidth_GBps"]))
+            done.extend(group)
+            bar.update(len(group))
     except (Interrupted, KeyboardInterrupt) as exc:
         # Keep what was measured (the GPU script runs under `timeout`); the rest says why it has no number.
         reason = f"not run: interrupted ({exc or 'Ctrl-C'}) before this case"
         facts["interrupted"] = True
-        for case in cases[done:]:
+        for case in [case for case in cases if not any(case is d for d in done)]:
             records.append(
                 _row(case.suite, case.case, case.shape, case.dtype, case.provider, "skipped", reason, case.metric)
             )
