@@ -35,6 +35,7 @@ import fastllm
 from fastllm import LinearNF4, LoraLinear, NF4Config, prepare_qlora
 from fastllm.loading.memory_plan import memory_plan
 from fastllm.nn.prepare import find_targets
+from fastllm.ops.linear_cross_entropy import chunk_rows
 
 SHARD = "40KB"  # several shards even for the tiny models
 
@@ -373,6 +374,20 @@ def test_memory_plan_matches_a_loaded_model(tmp_path):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert rows["LoRA A"] == 4 * trainable and rows["AdamW moments"] == 8 * trainable
     assert rows["total"] == sum(v for k, v in rows.items() if k != "total")
+
+
+def test_memory_plan_fused_loss_counts_one_chunk_of_logits():
+    """With the fused loss the plan holds the chunk of logits the op really allocates (its own chunk size) and the
+    hidden-state gradient; the full logits row is gone."""
+    config = {**tiny_config("llama").to_dict(), "vocab_size": 50000}
+    tokens, h = 8192, 64
+    plain, fused = (memory_plan(config, tokens=tokens, fused_loss=f) for f in (False, True))
+    assert plain[-2].nbytes == 2 * tokens * 50000 * 4
+    rows = chunk_rows(tokens, h, 50000)
+    assert 0 < rows < tokens and fused[-2].item.startswith("loss: one chunk")
+    assert fused[-2].nbytes == 2 * (rows * 50000 + tokens * h)
+    assert plain[-1].nbytes - fused[-1].nbytes == plain[-2].nbytes - fused[-2].nbytes
+    assert [r.nbytes for r in plain[:-2]] == [r.nbytes for r in fused[:-2]]
 
 
 def test_memory_plan_checkpointing_and_arguments():

@@ -11,7 +11,9 @@ blocks (the targets of :func:`fastllm.prepare_qlora`), AdamW:
   normed inputs of attention and MLP, q / k / v, the attention output, gate, up, act(gate) and
   act(gate) * up (``9 h + 2 kv + 4 m`` values per token, h hidden, kv key/value width, m MLP width).
   With checkpointing only each block's input is kept, plus one block's activations recomputed in backward;
-- logits and their gradient in fp32 (tokens x vocab each), as a loss over materialized logits needs.
+- the loss: logits and their gradient in fp32 (tokens x vocab each), as a loss over materialized logits needs;
+  with ``fused_loss`` (:func:`fastllm.integrations.loss.use_fused_loss`) one token chunk's bf16 logits (their
+  gradient is written in place) and the gradient of the hidden states, formed in the forward (tokens x hidden, bf16).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from fastllm.ops.linear_cross_entropy import chunk_rows
 
 # Llama-3-70B (meta-llama/Meta-Llama-3-70B config.json): the model the README's table is about.
 LLAMA3_70B: dict[str, Any] = dict(
@@ -78,6 +82,7 @@ def memory_plan(
     checkpointing: bool = True,
     blocksize: int = 64,
     double_quant: bool = True,
+    fused_loss: bool = False,
 ) -> list[PlanRow]:
     """The memory of a QLoRA fine-tune of the Llama-style decoder ``config`` (see the module docstring).
 
@@ -88,6 +93,8 @@ def memory_plan(
         r: LoRA rank (> 0). tokens: tokens per step (batch x sequence, > 0).
         checkpointing: activation (gradient) checkpointing per decoder block.
         blocksize, double_quant: the NF4 format.
+        fused_loss: the loss through ``fastllm.kernels.linear_cross_entropy`` (``use_fused_loss``), which never
+            holds the whole logits.
 
     Returns:
         One :class:`PlanRow` per item, the last one the total.
@@ -109,7 +116,12 @@ def memory_plan(
     lora = layers * sum(r * (o + i) for o, i in linears)
     per_block = tokens * (9 * h + 2 * kv + 4 * m) * 2
     activations = layers * tokens * h * 2 + per_block if checkpointing else layers * per_block
-    logits = 2 * tokens * vocab * 4
+    if fused_loss:
+        rows = min(tokens, chunk_rows(tokens, h, vocab))
+        loss = PlanRow("loss: one chunk of logits (bf16) + grad of the hidden states", 2 * (rows * vocab + tokens * h),
+                       f"{rows} x {vocab} + {tokens} x {h} (use_fused_loss)")  # fmt: skip
+    else:
+        loss = PlanRow("logits + their gradient (fp32)", 2 * tokens * vocab * 4, f"{tokens} x {vocab} x 2")
     rows = [
         PlanRow("base linear weights, NF4", nf4, f"{linear_params / 1e9:.2f}B weights, blocksize {blocksize}"),
         PlanRow("embeddings, head, norms (bf16)", 2 * dense, f"{dense / 1e9:.2f}B values"),
@@ -121,7 +133,7 @@ def memory_plan(
             activations,
             "block inputs + one block recomputed" if checkpointing else "every block's saved tensors",
         ),
-        PlanRow("logits + their gradient (fp32)", logits, f"{tokens} x {vocab} x 2"),
+        loss,
     ]
     rows.append(PlanRow("total", sum(row.nbytes for row in rows), ""))
     return rows
