@@ -56,8 +56,6 @@ class Case:
         work: bytes, FLOPs or tokens of one call (the figure is work / median time).
         setup: builds inputs; returns the callable to time, or (callable, extra dict).
         track_memory: record the peak CUDA memory of one call (``extra["peak_mem_GiB"]``).
-        interleave: on the CPU, time this row's call round by round with the other interleaved providers of the
-            same comparison (``time_interleaved``); they are set up together and held in memory at once.
     """
 
     suite: str
@@ -70,7 +68,6 @@ class Case:
     setup: Callable[[], object]
     track_memory: bool = False
     extra: dict[str, object] = field(default_factory=dict)
-    interleave: bool = False
 
 
 def require(module: str, what: str | None = None) -> ModuleType:

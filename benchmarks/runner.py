@@ -67,19 +67,16 @@ def _comparison(case: Case) -> tuple:
     return case.suite, case.case, tuple(sorted(case.shape.items())), case.dtype
 
 
-def _groups(cases: list[Case]) -> list[list[Case]]:
-    """Cases in run order, each interleaved case with the interleaved ones of its comparison (timed together)."""
-    groups: list[list[Case]] = []
-    open_groups: dict[tuple, list[Case]] = {}
+def _groups(cases: list[Case], settings: Settings) -> list[list[Case]]:
+    """Cases in run order, grouped to be timed together: on the CPU every provider of a comparison (interleaved, see
+    ``time_interleaved``; they are set up together and held in memory at once), on CUDA each case alone (so that a
+    case's peak memory is its own)."""
+    if settings.cuda:
+        return [[case] for case in cases]
+    groups: dict[tuple, list[Case]] = {}
     for case in cases:
-        if not case.interleave:
-            groups.append([case])
-        elif _comparison(case) in open_groups:
-            open_groups[_comparison(case)].append(case)
-        else:
-            open_groups[_comparison(case)] = [case]
-            groups.append(open_groups[_comparison(case)])
-    return groups
+        groups.setdefault(_comparison(case), []).append(case)
+    return list(groups.values())
 
 
 def _failed_row(case: Case, exc: Exception) -> dict:
@@ -199,7 +196,7 @@ def run(suites: Sequence[str], settings: Settings) -> tuple[list[dict], dict]:
     done: list[Case] = []
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        for group in _groups(cases):
+        for group in _groups(cases, settings):
             providers = "+".join(case.provider for case in group)
             bar.set_postfix_str(f"{group[0].suite}/{group[0].case}/{providers}", refresh=True)
             records.extend(measure(group, settings, facts["copy_bandwidth_GBps"]))

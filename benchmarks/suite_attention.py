@@ -300,14 +300,14 @@ def model_cases(settings: Settings) -> list[Case]:
     for provider in ("fastllm", "sdpa"):
         out.append(Case(
             "attention", "decode", decode.shape(), "bfloat16", provider, "GB/s", decode.cache_bytes(),
-            lambda p=provider: _decode_setup(decode, p, settings.device), interleave=not settings.cuda,
+            lambda p=provider: _decode_setup(decode, p, settings.device),
         ))  # fmt: skip
     shape = {"layers": 2 if settings.tiny else 4, "hidden": 512, "Hq": 8, "Hkv": 2}
     shape.update(B=1, S=128) if settings.tiny else shape.update(B=2, S=1024)
     for provider in LLAMA_STEP_PROVIDERS:
         out.append(Case(
             "attention", "llama-step", shape, "bfloat16", provider, "tokens/s", shape["B"] * shape["S"],
-            lambda p=provider: _llama_step_setup(settings, p), interleave=not settings.cuda,
+            lambda p=provider: _llama_step_setup(settings, p),
         ))  # fmt: skip
     return out
 

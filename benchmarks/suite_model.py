@@ -265,8 +265,7 @@ def cases(settings: Settings) -> list[Case]:
         def setup(provider=provider):
             return _train_setup(provider, settings, train_losses)
 
-        out.append(Case("model", "llama train-step", shape, "bfloat16", provider, "tokens/s", tokens, setup, True,
-                        interleave=not settings.cuda))  # fmt: skip
+        out.append(Case("model", "llama train-step", shape, "bfloat16", provider, "tokens/s", tokens, setup, True))
     lshape = loss_shape(settings)
     for provider in LOSS_PROVIDERS:
 
@@ -274,8 +273,7 @@ def cases(settings: Settings) -> list[Case]:
             return _loss_setup(provider, settings, loss_losses)
 
         dtype = str(loss_dtype(settings.device)).removeprefix("torch.")
-        out.append(Case("model", "loss fwd+bwd", lshape, dtype, provider, "tokens/s", lshape["T"], setup, True,
-                        interleave=not settings.cuda))  # fmt: skip
+        out.append(Case("model", "loss fwd+bwd", lshape, dtype, provider, "tokens/s", lshape["T"], setup, True))
     return out
 
 

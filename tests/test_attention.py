@@ -291,13 +291,13 @@ for case in t.CASES:
     before = dict(calls)
     t.test_forward_backward_matches_reference(case, torch.device("cpu"))
     fused[case] = [calls[name] > before[name] for name in ("forward", "backward")]
-# The backward in the inputs' dtype, as CPUs with native 16-bit matmuls run it (this one upcasts: backward_dtype).
-upcast = ops.backward_dtype
-ops.backward_dtype = lambda dtype: dtype
+# The backward in the inputs' dtype, as CPUs with native 16-bit matmuls run it (this one upcasts: matmul_dtype).
+upcast = ops.matmul_dtype
+ops.matmul_dtype = lambda dtype: dtype
 for case, (*_, dtype, _options) in t.CASES.items():
     if dtype != torch.float32 and not t.case_inputs(case)[3].get("softcap"):
         t.test_forward_backward_matches_reference(case, torch.device("cpu"))
-ops.backward_dtype = upcast
+ops.matmul_dtype = upcast
 for test in (t.test_strided_inputs, t.test_lse_and_its_gradient, t.test_varlen_matches_padded_api,
              t.test_varlen_unequal_lengths_matches_reference, t.test_varlen_with_empty_sequences,
              t.test_torch_compile_fullgraph_traces, t.test_opcheck_forward_and_backward):

@@ -1,12 +1,12 @@
-"""The benchmark runner's interleaved timing: providers of one comparison are set up together and timed round by
-round; a provider that fails (in setup or in its call) gets an error row and the others keep their numbers."""
+"""The benchmark runner's interleaved CPU timing: the providers of one comparison are set up together and timed
+round by round; a provider that fails (in setup or in its call) gets an error row and the others keep their numbers.
+On CUDA every case is set up and timed alone (its peak memory is its own)."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root holds `benchmarks`
@@ -17,8 +17,8 @@ from benchmarks.harness import Case, Settings, Skip, time_interleaved  # noqa: E
 SETTINGS = Settings(torch.device("cpu"), quick=True, tiny=True)
 
 
-def _case(provider: str, setup, case: str = "step", interleave: bool = True) -> Case:
-    return Case("suite", case, {"N": 1}, "bfloat16", provider, "tokens/s", 10.0, setup, interleave=interleave)
+def _case(provider: str, setup, case: str = "step") -> Case:
+    return Case("suite", case, {"N": 1}, "bfloat16", provider, "tokens/s", 10.0, setup)
 
 
 def test_time_interleaved_alternates_calls_in_rotating_order():
@@ -34,7 +34,7 @@ def test_time_interleaved_alternates_calls_in_rotating_order():
     assert all("interleaved" in t.timer and t.min_ms <= t.median_ms for t in timings)
 
 
-def test_interleaved_cases_are_grouped_by_comparison_and_keep_their_rows():
+def test_cases_are_grouped_by_comparison_on_cpu_and_alone_on_cuda():
     setups: list[str] = []
 
     def setup(name: str):
@@ -43,11 +43,13 @@ def test_interleaved_cases_are_grouped_by_comparison_and_keep_their_rows():
 
     cases = [
         _case("fastllm", lambda: setup("fastllm")),
-        _case("alone", lambda: setup("alone"), case="other", interleave=False),
+        _case("other-case", lambda: setup("other-case"), case="other"),
         _case("ref", lambda: setup("ref")),
     ]
-    groups = runner._groups(cases)
-    assert [[c.provider for c in g] for g in groups] == [["fastllm", "ref"], ["alone"]]
+    groups = runner._groups(cases, SETTINGS)
+    assert [[c.provider for c in g] for g in groups] == [["fastllm", "ref"], ["other-case"]]
+    cuda = runner._groups(cases, Settings(torch.device("cuda")))
+    assert [[c.provider for c in g] for g in cuda] == [["fastllm"], ["other-case"], ["ref"]]
     rows = runner.measure(groups[0], SETTINGS, None)
     assert setups == ["fastllm", "ref"]  # both set up before either is timed
     assert [(r["provider"], r["status"]) for r in rows] == [("fastllm", "ok"), ("ref", "ok")]
@@ -72,10 +74,9 @@ def test_a_failing_provider_in_a_group_gets_an_error_row_and_the_others_are_time
     assert rows[0]["median_ms"] is not None and rows[1]["median_ms"] is None
 
 
-@pytest.mark.parametrize("interleave", [False, True])
-def test_a_single_failing_case_gets_an_error_row(interleave):
+def test_a_single_failing_case_gets_an_error_row():
     def fails():
         raise ValueError("bad shape")
 
-    rows = runner.measure([_case("fastllm", lambda: fails, interleave=interleave)], SETTINGS, None)
+    rows = runner.measure([_case("fastllm", lambda: fails)], SETTINGS, None)
     assert rows[0]["status"] == "error" and "ValueError: bad shape" in rows[0]["reason"]

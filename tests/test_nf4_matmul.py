@@ -147,13 +147,21 @@ def test_cpu_path_forward_backward(cpu_path, lead, dtype):
         check_forward_backward(lead, 70, w, dtype, use_bias=True)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_cpu_path_banded_large_m(cpu_path, monkeypatch, dtype):
+# The dtype the CPU paths multiply 16-bit inputs in: fp32 (CPUs without native 16-bit matmuls, as this one) or the
+# inputs' own (CPUs with them); both are checked whatever this CPU has.
+MATMUL_DTYPES = {"in-fp32": lambda dtype: torch.float32, "in-own-dtype": lambda dtype: dtype}
+
+
+@pytest.mark.parametrize("compute", list(MATMUL_DTYPES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_cpu_path_banded_large_m(cpu_path, monkeypatch, dtype, compute):
     # Large M dequantizes W a band at a time; tiny bands give many row bands (forward) and several
     # column bands of whole blocks (backward), the last ones partial.
     if not _backend.has_op("dequantize_nf4", "cpu"):
         pytest.skip(f"the banded path needs the C++ extension: {_backend.extension_error()}")
     monkeypatch.setattr(nf4_ops, "_CPU_BAND_BYTES", 4096)
+    monkeypatch.setattr(nf4_ops, "matmul_dtype", MATMUL_DTYPES[compute])
+    monkeypatch.setenv("FASTLLM_NF4_GEMM", "fused")
     w = nf4.quantize(torch.randn(70, 192, generator=torch.Generator().manual_seed(3)), 64, True)
     x = torch.randn(41, 192).to(dtype)
     y = nf4_ops.cpu_forward(x, w.tensors(), None, 64, 70)
@@ -393,11 +401,13 @@ def test_cpu_chooser_measures_at_first_use(cpu_path, fresh_choices, dtype):
     assert set(gemm_choice.CPU_GEMM.choices) == keys
 
 
+@pytest.mark.parametrize("compute", list(MATMUL_DTYPES))
 @pytest.mark.parametrize("mode", ["fused", "dequant"])
-def test_cpu_override_paths_match_reference(cpu_path, monkeypatch, fresh_choices, mode):
+def test_cpu_override_paths_match_reference(cpu_path, monkeypatch, fresh_choices, mode, compute):
     if not _backend.has_op("dequantize_nf4", "cpu"):
         pytest.skip(f"the CPU paths need the C++ extension: {_backend.extension_error()}")
     monkeypatch.setenv("FASTLLM_NF4_GEMM", mode)
+    monkeypatch.setattr(nf4_ops, "matmul_dtype", MATMUL_DTYPES[compute])
     w = nf4.quantize(torch.randn(70, 192, generator=torch.Generator().manual_seed(9)), 64, False)
     check_forward_backward((3, 11), 70, w, torch.bfloat16, use_bias=True)
     assert gemm_choice.CPU_GEMM.choices == {}

@@ -15,6 +15,8 @@ Layering: this package sits above ``fastllm.nf4`` / ``fastllm._C`` / ``fastllm.r
   CPU attention where it can express the case, else the reference).
 - :mod:`fastllm.ops.linear_cross_entropy`: linear_cross_entropy, linear_cross_entropy_backward (the fused
   linear + cross-entropy loss; chunked, never the (T, V) logits).
+- :mod:`fastllm.ops.gemm_choice`, :mod:`fastllm.ops.cpu_matmul`: which large-M NF4 matmul path runs (timed at first
+  use), and the dtype the CPU bodies multiply 16-bit inputs in.
 """
 
 from fastllm.ops import attention, linear_cross_entropy, nf4

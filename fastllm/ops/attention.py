@@ -14,7 +14,7 @@ for CPU under ``TRITON_INTERPRET=1``, so the CPU tests run the Triton code) on t
   ``F.scaled_dot_product_attention`` runs on CPU) for every case it expresses: no mask, causal (``is_causal`` when
   Sq == Sk, an additive mask otherwise), windows and key padding as an additive 0 / -inf mask, GQA (natively, or
   by repeating k and v where the kernel lacks it), packed sequences one sequence at a time. The backward of
-  16-bit inputs runs in fp32 where the CPU has no native 16-bit matmul (``backward_dtype``).
+  16-bit inputs runs in fp32 where the CPU has no native 16-bit matmul (``fastllm.ops.cpu_matmul``).
 - the reference math in fp32 (``fastllm.reference``) where it cannot: softcap, and a backward with a gradient
   flowing into lse.
 """
@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 
 from fastllm import reference
+from fastllm.ops.cpu_matmul import matmul_dtype
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -119,25 +120,10 @@ def _sdpa_forward(q, k, v, kpm, scale, left, right):
     return out, lse
 
 
-@functools.cache
-def backward_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the fused CPU backward computes in for inputs of ``dtype``.
-
-    PyTorch's fused CPU backward runs its matmuls in the input dtype. Without native 16-bit multiplies that is
-    slower than fp32: bf16 GEMMs are emulated through oneDNN (1.4-3.5x slower than fp32 on an AVX-512 Xeon without
-    AVX512-BF16), fp16 ones fall back to scalar loops (6-40x slower). There 16-bit inputs are upcast to fp32 (the
-    gradients are rounded back by the op); CPUs with AMX or AVX512-BF16 (bf16), AMX-FP16 (fp16) keep the dtype.
-    """
-    cpu = torch.cpu
-    native = {
-        torch.bfloat16: lambda: cpu._is_amx_tile_supported() or cpu._is_avx512_bf16_supported(),
-        torch.float16: lambda: cpu._is_amx_fp16_supported(),
-    }.get(dtype)
-    return torch.float32 if native is not None and not native() else dtype
-
-
 def _sdpa_backward(do, q, k, v, out, lse, kpm, scale, left, right):
-    compute = backward_dtype(q.dtype)
+    # 16-bit in fp32 where the CPU lacks native 16-bit matmuls: PyTorch's bf16 backward is 1.4-3.5x, its fp16 one
+    # 6-40x slower than fp32 there (the forward, whose matmuls are a smaller share, is as fast as in fp32 plus casts)
+    compute = matmul_dtype(q.dtype)
     do, q, k, v, out = _unit_stride(*(t.to(compute) for t in (do, q, k, v, out)))
     plan = _plan(q, k.shape[2], kpm, left, right)
     kk, vv, group = _kv_for_kernel(q, k, v)

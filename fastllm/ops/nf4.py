@@ -20,6 +20,7 @@ import torch
 from fastllm import _backend
 from fastllm.codebook import NESTED_BLOCKSIZE
 from fastllm.nf4 import NF4Weight
+from fastllm.ops.cpu_matmul import matmul_dtype
 from fastllm.ops.gemm_choice import CPU_GEMM, m_bucket
 
 # Decode-sized batches: M <= SMALL_M rows take a GEMV (W read once for all rows) on every device.
@@ -106,7 +107,8 @@ def cpu_forward(x2d: torch.Tensor, tensors: tuple, bias: torch.Tensor | None, bl
 
     M <= SMALL_M uses the C++ ``fastllm::nf4_gemv`` op. Larger M with the extension runs the faster, measured at
     first use (``gemm_choice.CPU_GEMM``), of: "fused", y[:, band] = x @ W[band]^T over bands of rows of W, each
-    dequantized just before its matmul; "dequant", the whole W dequantized then one matmul. Without the
+    dequantized just before its matmul; "dequant", the whole W dequantized then one matmul. Both multiply in
+    ``cpu_matmul.matmul_dtype`` (fp32 for 16-bit x on CPUs without native 16-bit matmuls). Without the
     extension: dequantize + matmul.
     """
     m, k = x2d.shape
@@ -118,13 +120,16 @@ def cpu_forward(x2d: torch.Tensor, tensors: tuple, bias: torch.Tensor | None, bl
         y = torch.ops.fastllm.nf4_gemv(x2d, w.data, scales, blocksize, n).to(x2d.dtype)
         return y if bias is None else y + bias
 
+    compute = matmul_dtype(x2d.dtype)  # fp32 for 16-bit x where this CPU lacks native 16-bit matmuls
+    xc = x2d.to(compute)
+
     def banded():
         y = x2d.new_empty((m, n))
-        for rows in _bands(n, k, 1, x2d.dtype):
-            y[:, rows] = x2d @ _dense_band(w, scales, rows, slice(0, k), x2d.dtype).T
+        for rows in _bands(n, k, 1, compute):
+            y[:, rows] = xc @ _dense_band(w, scales, rows, slice(0, k), compute).T
         return y
 
-    paths = {"fused": banded, "dequant": lambda: x2d @ _whole(w, scales, x2d.dtype).T}
+    paths = {"fused": banded, "dequant": lambda: (xc @ _whole(w, scales, compute).T).to(x2d.dtype)}
     y = CPU_GEMM.run(("fwd", m_bucket(m), n, k, x2d.dtype, x2d.device), paths, x2d.device)
     return y if bias is None else y + bias
 
@@ -142,13 +147,16 @@ def cpu_backward(g2d: torch.Tensor, tensors: tuple, blocksize: int, k: int) -> t
         return g2d @ w.dequantize()
     scales = w.block_scales()
 
+    compute = matmul_dtype(g2d.dtype)
+    gc = g2d.to(compute)
+
     def banded():
         grad_x = g2d.new_empty((m, k))
-        for cols in _bands(k, n, blocksize, g2d.dtype):
-            grad_x[:, cols] = g2d @ _dense_band(w, scales, slice(0, n), cols, g2d.dtype)
+        for cols in _bands(k, n, blocksize, compute):
+            grad_x[:, cols] = gc @ _dense_band(w, scales, slice(0, n), cols, compute)
         return grad_x
 
-    paths = {"fused": banded, "dequant": lambda: g2d @ _whole(w, scales, g2d.dtype)}
+    paths = {"fused": banded, "dequant": lambda: (gc @ _whole(w, scales, compute)).to(g2d.dtype)}
     return CPU_GEMM.run(("bwd", m_bucket(m), n, k, g2d.dtype, g2d.device), paths, g2d.device)
 
 

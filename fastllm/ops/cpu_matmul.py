@@ -1,0 +1,27 @@
+"""The dtype the CPU implementations run 16-bit matmuls in.
+
+PyTorch multiplies bf16 / fp16 CPU tensors in their own dtype. On a CPU without native 16-bit multiply
+instructions that is slow: bf16 GEMMs are emulated through oneDNN (measured 3.7-7x slower than fp32 at M = 512 and
+2048 on 4096 x 4096 on the AVX-512 Xeon of the CPU machine, which lacks AVX512-BF16), fp16 ones fall back to scalar
+loops. There the CPU paths (NF4 large-M matmuls, the fused attention's backward) compute in fp32 and round their
+outputs back to the inputs' dtype, which is also the more exact result. CPUs with AMX or AVX512-BF16 (bf16) or
+AMX-FP16 (fp16) keep the dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.cache
+def matmul_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to multiply ``dtype`` operands in on this CPU: ``dtype``, or fp32 for 16-bit dtypes it lacks
+    native instructions for."""
+    cpu = torch.cpu
+    native = {
+        torch.bfloat16: lambda: cpu._is_amx_tile_supported() or cpu._is_avx512_bf16_supported(),
+        torch.float16: lambda: cpu._is_amx_fp16_supported(),
+    }.get(dtype)
+    return torch.float32 if native is not None and not native() else dtype
