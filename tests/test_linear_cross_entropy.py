@@ -112,8 +112,26 @@ def test_all_ignored(device, reduction):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_16bit_inputs(device, dtype):
-    """fp16/bf16 hidden and weight (logits rounded to the input dtype, as an lm_head's are), with bias and softcap."""
+    """fp16/bf16 hidden and weight, with bias and softcap."""
     check(device, dtype, 2e-2, bias=True, softcap=3.0, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("multiply", ["fp32-in-bands", "own-dtype"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_16bit_dense_head_on_cpu(monkeypatch, dtype, multiply):
+    """On a CPU without native 16-bit matmuls a 16-bit dense head multiplies in fp32, upcast a band of vocabulary
+    rows at a time (here bands of 70 rows, the last one partial); with them, in its own dtype. Both match the
+    reference, the head's own gradient included."""
+    compute = {"fp32-in-bands": lambda d: torch.float32, "own-dtype": lambda d: d}[multiply]
+    monkeypatch.setattr(ops, "matmul_dtype", compute)
+    monkeypatch.setattr(ops, "_CPU_HEAD_BAND_BYTES", 70 * 48 * 4)
+    bands = []
+    banded = ops._banded_logits
+    monkeypatch.setattr(
+        ops, "_banded_logits", lambda h, w, *a: bands.append(len(ops._head_bands(w))) or banded(h, w, *a)
+    )
+    check(torch.device("cpu"), dtype, 2e-2, bias=True, softcap=3.0, label_smoothing=0.1)
+    assert bands == ([5] * 3 if multiply == "fp32-in-bands" else [])  # 3 chunks of the 37 tokens, 5 bands of 333
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

@@ -29,6 +29,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from fastllm.ops.cpu_matmul import matmul_dtype
+
 # A chunk's logits hold at least this many elements (and about as many as the hidden states (T, H) when larger):
 # 64 MiB of fp32. Measured on the 2-core CPU (T=1024, V=32000, H=1024 fp32, fwd+bwd): 2^22 elements (128-row chunks)
 # ran 1.03x the time of F.cross_entropy on the materialized logits, 2^24 (512 rows) 0.86x.
@@ -114,6 +116,41 @@ def _logits(h, weight, absmax, nested_absmax, offset, blocksize, bias, vocab) ->
     return torch.ops.fastllm.nf4_matmul(h, weight, absmax, nested_absmax, offset, bias, blocksize, vocab)
 
 
+# A 16-bit dense head on a CPU without native 16-bit matmuls (``cpu_matmul``) multiplies in fp32 (2.7x faster for
+# T=1024, H=1024, V=32000 bf16 there), one band of vocabulary rows at a time: each band of W is upcast where it is
+# used, so no fp32 copy of the head exists whole. (An NF4 head's matmuls make the same choice themselves.)
+_CPU_HEAD_BAND_BYTES = 8 << 20
+
+
+def _head_upcast(hidden: torch.Tensor, absmax: torch.Tensor | None) -> torch.dtype | None:
+    """The dtype a dense head multiplies in when not hidden's own (CPU without native 16-bit matmuls), else None."""
+    if absmax is not None or hidden.device.type != "cpu" or matmul_dtype(hidden.dtype) == hidden.dtype:
+        return None
+    return matmul_dtype(hidden.dtype)
+
+
+def _head_bands(weight: torch.Tensor) -> list[slice]:
+    step = max(1, _CPU_HEAD_BAND_BYTES // (weight.shape[1] * 4))
+    return [slice(i, min(weight.shape[0], i + step)) for i in range(0, weight.shape[0], step)]
+
+
+def _banded_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+    """h (R, H) @ W^T (+ b) -> (R, V) in dtype, W upcast a band of rows at a time."""
+    hc = h.to(dtype)
+    logits = torch.empty((h.shape[0], weight.shape[0]), dtype=dtype, device=h.device)
+    for band in _head_bands(weight):
+        logits[:, band] = hc @ weight[band].to(dtype).T
+    return logits if bias is None else logits.add_(bias)
+
+
+def _banded_grad_hidden(d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """d (R, V) @ W -> (R, H) in d's dtype, W upcast a band of rows at a time."""
+    out = torch.zeros((d.shape[0], weight.shape[1]), dtype=d.dtype, device=d.device)
+    for band in _head_bands(weight):
+        out.addmm_(d[:, band], weight[band].to(d.dtype))
+    return out
+
+
 def chunked(
     rows_fn: RowsFn,
     hidden: torch.Tensor,
@@ -143,20 +180,26 @@ def chunked(
     g_w = torch.zeros((vocab, width), dtype=acc, device=hidden.device) if grad_weight else None
     g_b = torch.zeros(vocab, dtype=acc, device=hidden.device) if grad_bias else None
     grad = grad_hidden or grad_weight or grad_bias
+    upcast = _head_upcast(hidden, absmax)
     step = chunk_rows(tokens, width, vocab)
     for start in range(0, tokens, step):
         rows = slice(start, min(tokens, start + step))
         h = hidden[rows]
-        logits = _logits(h, weight, absmax, nested_absmax, offset, blocksize, bias, vocab)
+        if upcast is not None:
+            logits = _banded_logits(h, weight, bias, upcast)
+        else:
+            logits = _logits(h, weight, absmax, nested_absmax, offset, blocksize, bias, vocab)
         scale = None if row_scale is None else row_scale[rows]
         losses[rows], d = rows_fn(logits, labels[rows], scale, ignore_index, label_smoothing, softcap, grad)
         if g_h is not None:
-            if absmax is None:
+            if upcast is not None:
+                g_h[rows] = _banded_grad_hidden(d, weight)
+            elif absmax is None:
                 torch.matmul(d, weight, out=g_h[rows])
             else:
                 g_h[rows] = torch.ops.fastllm.nf4_matmul_t(d, weight, absmax, nested_absmax, offset, blocksize, width)
         if g_w is not None:
-            g_w += (d.T @ h).to(acc)
+            g_w += (d.T @ h.to(d.dtype)).to(acc)
         if g_b is not None:
             g_b += d.sum(0, dtype=acc)
     return losses, g_h, g_w, g_b
