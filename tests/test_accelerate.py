@@ -1,6 +1,7 @@
 """``accelerate launch`` with an FSDP2 config (gloo, 2 CPU processes) trains a prepare_qlora model through fastllm's
 Trainer exactly like one process does, the NF4 weights sharded across the ranks; its checkpoints hold the LoRA
-adapter alone (PEFT loads it), and a run resumed from one continues the uninterrupted run exactly."""
+adapter alone (PEFT loads it) with either FSDP state dict type, and a run resumed from one continues the
+uninterrupted run exactly."""
 
 import json
 import os
@@ -20,6 +21,7 @@ from fastllm.nn.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
 
 WORKER = Path(__file__).parent / "accelerate_worker.py"
 STEPS, SAVE_EVERY = 4, 2  # as in the worker
+STATE_DICT_TYPES = ("SHARDED_STATE_DICT", "FULL_STATE_DICT")
 
 pytestmark = pytest.mark.distributed
 
@@ -73,27 +75,29 @@ def runs(tmp_path_factory) -> dict:
         "--main_process_port",
         "0",
     ]
-    # The FSDP2 run checkpoints and resumes (under fsdp2/); the single-process reference only trains.
+    # The FSDP2 launch also checkpoints and resumes (under fsdp2/<state dict type>/); the single process only trains.
     (root / "fsdp2").mkdir()
     (root / "single").mkdir()
     return {
-        "fsdp2": run(launch, root / "fsdp2" / "result.json", "resume"),
+        "fsdp2": run(launch, root / "fsdp2" / "result.json", "checkpoint"),
         "single": run([sys.executable], root / "single" / "result.json"),
-        "checkpoints": root / "fsdp2" / "trainer",
+        "root": root / "fsdp2",
     }
 
 
 def test_fsdp2_matches_one_process(runs):
     fsdp2, single = runs["fsdp2"], runs["single"]
     assert fsdp2["world_size"] == 2 and fsdp2["fsdp"] and single["world_size"] == 1 and not single["fsdp"]
-    ours, ref = losses(fsdp2), losses(single)
-    assert sorted(ours) == sorted(ref) == list(range(1, STEPS + 1))
-    assert ref[STEPS] < ref[1]  # the adapters train
+    assert sorted(losses(single)) == list(range(1, STEPS + 1))
+    assert losses(single)[STEPS] < losses(single)[1]  # the adapters train
     # fp32 throughout; the two runs differ only in how the gradient sums are split and reduced (two halves of the
     # batch, reduce-scatter over gloo), a relative 1e-7 per step that AdamW carries over 4 steps: 1e-5 bounds it.
-    # (The FSDP2 run also checkpoints every 2 steps, which must not change its training.)
-    for step in ref:
-        assert abs(ours[step] - ref[step]) / abs(ref[step]) < 1e-5, (step, ours, ref)
+    # (The FSDP2 runs checkpoint every 2 steps, which must not change their training.)
+    for record in (fsdp2, *(fsdp2[t] for t in STATE_DICT_TYPES)):
+        ours, ref = losses(record), losses(single)
+        assert sorted(ours) == sorted(ref)
+        for step in ref:
+            assert abs(ours[step] - ref[step]) / abs(ref[step]) < 1e-5, (step, ours, ref)
 
 
 def test_fsdp2_shards_the_nf4_weights(runs):
@@ -104,8 +108,10 @@ def test_fsdp2_shards_the_nf4_weights(runs):
     assert fsdp2["nf4_weight_dtype"] == single["nf4_weight_dtype"] == "torch.uint8"
 
 
-def test_fsdp2_resume_reproduces_the_uninterrupted_run(runs):
-    full, resumed = runs["fsdp2"], runs["fsdp2"]["resumed"]
+@pytest.mark.parametrize("state_dict_type", STATE_DICT_TYPES)
+def test_fsdp2_resume_reproduces_the_uninterrupted_run(runs, state_dict_type):
+    full = runs["fsdp2"][state_dict_type]
+    resumed = full["resumed"]
     assert sorted(losses(resumed)) == list(range(SAVE_EVERY + 1, STEPS + 1))
     for step, loss in losses(resumed).items():
         # Exactly: the same adapter, optimizer, scheduler and RNG states, the same batches and the same reductions.
@@ -116,62 +122,75 @@ def test_fsdp2_resume_reproduces_the_uninterrupted_run(runs):
 
 
 def lora_layer_names() -> list[str]:
-    return sorted(
-        n
-        for n, m in prepare_qlora(make_model("llama"), r=4, progress=False).named_modules()
-        if isinstance(m, LoraLinear)
-    )
+    model = prepare_qlora(make_model("llama"), r=4, progress=False)
+    return sorted(name for name, module in model.named_modules() if isinstance(module, LoraLinear))
 
 
-def test_fsdp2_checkpoint_holds_the_adapter_alone(runs):
-    import torch.distributed.checkpoint as dcp
+def optimizer_state_keys(checkpoint: Path, state_dict_type: str) -> set[str]:
+    """The ``"<parameter FQN>.<AdamW state>"`` entries of the optimizer checkpoint accelerate wrote (read without the
+    process group: DCP's metadata of the sharded one, the whole state dict of the full one)."""
+    if state_dict_type == "SHARDED_STATE_DICT":
+        import torch.distributed.checkpoint as dcp
 
+        stored = dcp.FileSystemReader(str(checkpoint / "optimizer_0")).read_metadata().state_dict_metadata
+        state = {k.removeprefix("optimizer.state.") for k in stored if k.startswith("optimizer.state.")}
+        assert all(k.startswith("optimizer.param_groups.") for k in stored if not k.startswith("optimizer.state.")), (
+            stored
+        )
+        return state
+    osd = torch.load(checkpoint / "optimizer.bin", map_location="cpu", weights_only=True)
+    assert set(osd) == {"state", "param_groups"}
+    return {f"{fqn}.{name}" for fqn, values in osd["state"].items() for name in values}
+
+
+@pytest.mark.parametrize("state_dict_type", STATE_DICT_TYPES)
+def test_fsdp2_checkpoint_holds_the_adapter_alone(runs, state_dict_type):
     layers = lora_layer_names()
     adapter_keys = {f"{PEFT_PREFIX}{n}.lora_{ab}.weight" for n in layers for ab in "AB"}
+    optimizer = {"SHARDED_STATE_DICT": "optimizer_0", "FULL_STATE_DICT": "optimizer.bin"}[state_dict_type]
     for step in (SAVE_EVERY, STEPS):
-        checkpoint = runs["checkpoints"] / f"checkpoint-{step}"
+        checkpoint = runs["root"] / state_dict_type / "trainer" / f"checkpoint-{step}"
         names = {p.name for p in checkpoint.iterdir()}
-        # The adapter, Trainer's per-rank RNG states and state files, accelerate's sharded optimizer: nothing else
-        # (no pytorch_model_fsdp_0/, model.safetensors, ...).
+        # The adapter, accelerate's optimizer checkpoint, Trainer's per-rank RNG states and state files: nothing else
+        # (no pytorch_model_fsdp_0/ or pytorch_model_fsdp.bin, no model.safetensors, ...).
         assert names == {
             ADAPTER_WEIGHTS,
             ADAPTER_CONFIG,
-            "optimizer_0",
+            optimizer,
             "scheduler.pt",
             "rng_state_0.pth",
             "rng_state_1.pth",
             "trainer_state.json",
             "training_args.bin",
         }, names
-        adapter = load_file(checkpoint / ADAPTER_WEIGHTS)
-        assert set(adapter) == adapter_keys
+        assert set(load_file(checkpoint / ADAPTER_WEIGHTS)) == adapter_keys
         config = json.loads((checkpoint / ADAPTER_CONFIG).read_text())
         assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
         assert sorted(config["target_modules"]) == layers
-        # The optimizer checkpoint stores AdamW's state of the LoRA matrices and nothing of the frozen model.
-        stored = dcp.FileSystemReader(str(checkpoint / "optimizer_0")).read_metadata().state_dict_metadata
-        state = {k for k in stored if k.startswith("optimizer.state.")}
-        expected = {
-            f"optimizer.state.{n}.lora_{ab}.{s}"
-            for n in layers
-            for ab in "AB"
-            for s in ("exp_avg", "exp_avg_sq", "step")
-        }
-        assert state == expected, sorted(state ^ expected)
-        assert all(k.startswith("optimizer.param_groups.") for k in set(stored) - state), sorted(stored)
+        # The optimizer checkpoint holds AdamW's state of the LoRA matrices and nothing of the frozen model.
+        expected = {f"{n}.lora_{ab}.{s}" for n in layers for ab in "AB" for s in ("exp_avg", "exp_avg_sq", "step")}
+        stored = optimizer_state_keys(checkpoint, state_dict_type)
+        assert stored == expected, sorted(stored ^ expected)
 
 
-def test_peft_loads_the_fsdp2_checkpoint_onto_the_dense_base(runs):
+@pytest.mark.parametrize("state_dict_type", STATE_DICT_TYPES)
+def test_peft_loads_the_fsdp2_checkpoints_onto_the_dense_base(runs, state_dict_type):
     from peft import PeftModel
 
     with plain_cpu_path():
         # The dense base with the NF4 weights the workers quantized (the same base weights, quantized alike) ...
         dense = with_dequantized_weights(make_model("llama"), prepare_qlora(make_model("llama"), r=4, progress=False))
-    # ... plus the adapter of the last checkpoint must give the logits of the FSDP2 run's final model.
-    peft_model = PeftModel.from_pretrained(dense, str(runs["checkpoints"] / f"checkpoint-{STEPS}")).eval()
     g = torch.Generator().manual_seed(7)
     batch = {"input_ids": torch.randint(1, VOCAB, (2, 11), generator=g)}  # the worker's batch
-    expected = torch.tensor(runs["fsdp2"]["logits"])
-    assert rel_err(logits(peft_model, batch), expected) < 1e-5
-    with peft_model.disable_adapter():  # ... and the adapter matters
-        assert rel_err(logits(peft_model, batch), expected) > 1e-3
+    record = runs["fsdp2"][state_dict_type]
+    # ... plus the adapter of the last checkpoint gives the logits of the FSDP2 run's final model, and that of the mid
+    # checkpoint those of the same model after _load_best_model (load_best_model_at_end) rewound it there.
+    for step, ours in ((STEPS, record["logits"]), (SAVE_EVERY, record["best_logits"])):
+        checkpoint = runs["root"] / state_dict_type / "trainer" / f"checkpoint-{step}"
+        peft_model = PeftModel.from_pretrained(dense, str(checkpoint)).eval()
+        expected = logits(peft_model, batch)
+        assert rel_err(torch.tensor(ours), expected) < 1e-5, step
+        with peft_model.disable_adapter():  # ... and the adapter matters
+            assert rel_err(logits(peft_model, batch), expected) > 1e-3
+        dense = peft_model.unload()
+    assert rel_err(torch.tensor(record["best_logits"]), torch.tensor(record["logits"])) > 1e-4  # two adapters

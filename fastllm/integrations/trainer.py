@@ -1,13 +1,16 @@
 """Adapter-only checkpoints for ``transformers.Trainer`` and its subclasses (TRL's ``SFTTrainer``, ...), in one
 process, under DDP and under accelerate's FSDP2.
 
-Trainer writes a checkpoint through ``Trainer.save_model`` (in one process and under DDP: ``Trainer._save``, i.e.
-``model.save_pretrained``; for a :func:`fastllm.prepare_qlora` model that is the whole model, every NF4 weight and the
-16-bit embeddings; under FSDP: ``_save_optimizer_and_scheduler`` writes the whole model as accelerate's sharded
-``pytorch_model_fsdp_0/``) and reads it back through ``Trainer._load_from_checkpoint`` / ``Trainer._load_best_model``,
-which load an adapter alone only for a ``peft.PeftModel`` (``transformers.trainer_utils._is_peft_model`` is an
-``isinstance`` check, which a fastllm model cannot pass without PEFT re-wrapping it). :class:`AdapterCheckpointMixin`
-overrides those methods to take Trainer's PEFT path with fastllm's adapter files:
+Trainer writes a checkpoint through ``Trainer.save_model`` and reads it back through
+``Trainer._load_from_checkpoint`` / ``Trainer._load_best_model``, which load an adapter alone only for a
+``peft.PeftModel`` (``transformers.trainer_utils._is_peft_model`` is an ``isinstance`` check, which a fastllm model
+cannot pass without PEFT re-wrapping it). Otherwise the whole model is written: in one process and under DDP
+``Trainer._save`` (``model.save_pretrained``: for a :func:`fastllm.prepare_qlora` model every NF4 weight and the
+16-bit embeddings); under FSDP ``_save_optimizer_and_scheduler`` with accelerate's ``save_fsdp_model``
+(``pytorch_model_fsdp_0/`` or ``pytorch_model_fsdp.bin``), which for a prepare_qlora model under FSDP2 does not even
+get that far: ``torch.distributed.checkpoint``'s ``get_model_state_dict`` cannot map the NF4 layers'
+bitsandbytes-format keys (``weight.absmax``, ...) to parameters and raises. :class:`AdapterCheckpointMixin` overrides
+those methods to take Trainer's PEFT path with fastllm's adapter files:
 
 - ``_save`` writes ``adapter_model.safetensors`` and ``adapter_config.json`` with :func:`fastllm.save_adapter`
   (what ``PeftModel.save_pretrained`` writes: ``PeftModel.from_pretrained(dense_base, checkpoint)`` loads it), then
@@ -30,7 +33,7 @@ Optimizer, scheduler, gradient-scaler, RNG and trainer state are saved and resto
 the optimizer through accelerate, as above); the optimizer holds only the trainable LoRA A/B matrices, so a run
 resumed from a checkpoint continues the uninterrupted run exactly. Trainer's own whole-model path is kept for a
 model without :class:`~fastllm.LoraLinear` layers, for FSDP1 (``fsdp_version: 1``: its flat parameters hold the
-LoRA weights as slices, which fastllm's adapter gathering does not handle) and for DeepSpeed (not tested here:
+LoRA weights as slices, which fastllm's adapter gathering does not handle; untested) and for DeepSpeed (untested:
 DeepSpeed is not a dependency). A checkpoint written by Trainer's own path (no ``adapter_model.safetensors``) is
 still resumed by Trainer's own code.
 
