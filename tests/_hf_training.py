@@ -11,17 +11,38 @@ from _tiny_models import VOCAB
 from transformers import TrainerCallback
 
 from fastllm.kernels import _config
+from fastllm.ops.attention import attention_bwd, attention_fwd
+from fastllm.ops.linear_cross_entropy import linear_cross_entropy_backward_op, linear_cross_entropy_op
+from fastllm.ops.nf4 import nf4_dequantize, nf4_matmul, nf4_matmul_t
+
+# fastllm's ops that the kernel modules give a Triton implementation on CPU tensors under TRITON_INTERPRET=1.
+_TRITON_CPU_OPS = (
+    nf4_dequantize,
+    nf4_matmul,
+    nf4_matmul_t,
+    attention_fwd,
+    attention_bwd,
+    linear_cross_entropy_op,
+    linear_cross_entropy_backward_op,
+)
 
 
 @contextlib.contextmanager
 def plain_cpu_path() -> Iterator[None]:
-    """Within it, NF4 matmuls and attention take the plain CPU path (dequantize + torch matmul, PyTorch attention)
-    instead of the Triton kernels under the interpreter, which their own tests cover: training runs stay within the
-    time budget. (Dispatch reads ``_config.INTERPRET`` at each call; subprocess workers get ``TRITON_INTERPRET=0``.)"""
+    """Within it, NF4 matmuls, attention and the fused loss take the plain CPU path (each op's own CPU
+    implementation: C++ / PyTorch) instead of the Triton kernels under the interpreter, which their own tests cover:
+    training runs stay within the time budget. The kernel modules register the Triton kernels as the ops' CPU
+    implementation at import under the interpreter; those registrations are disabled here
+    (``CustomOpDef.set_kernel_enabled``), and ``_config.INTERPRET`` reads False for the code that checks it at each
+    call. (Subprocess workers get ``TRITON_INTERPRET=0`` instead.)"""
     saved = _config.INTERPRET
-    _config.INTERPRET = False
     try:
-        yield
+        with contextlib.ExitStack() as stack:
+            if saved:  # the Triton kernels are registered for CPU only under the interpreter
+                for op in _TRITON_CPU_OPS:
+                    stack.enter_context(op.set_kernel_enabled("cpu", False))
+            _config.INTERPRET = False
+            yield
     finally:
         _config.INTERPRET = saved
 
