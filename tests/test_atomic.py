@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -223,7 +224,9 @@ def test_read_together_never_mixes_versions(tmp_path):
 
 def test_benchmark_report_writes_atomically(tmp_path, monkeypatch):
     sys.path.insert(0, str(REPO))
-    import benchmarks  # noqa: F401  (its __init__ takes the repository root off sys.path again)
+    import benchmarks
+
+    importlib.reload(benchmarks)  # its __init__ takes the repository root off sys.path (also if imported before)
     from benchmarks import report
 
     assert str(REPO) not in sys.path
