@@ -72,23 +72,28 @@ def _attention_delta_kernel(
 
 
 # dK/dV and dQ tile candidates (BLOCK_M, BLOCK_N, num_warps, num_stages), the first one the default; checked on
-# sm_90 with ptxas like the forward's (no spills with every mask option on). The dK/dV kernel keeps K, V, dK and
-# dV tiles of BLOCK_N x D in registers, so wide heads get 8 warps; fp32 inputs get small tiles. Its dK += dS^T Q and
-# dV += P^T dO have BLOCK_N rows: BLOCK_N >= 64 lets them run as Hopper wgmma (64-row warpgroup MMAs), so the
-# defaults up to D = 128 have it; at D = 256 every such tile spills, so its list keeps 32-row tiles.
+# sm_90 with ptxas like the forward's (no spills with every mask option on; each default also over the launch
+# variants of tests/test_gpu_compile.py). The dK/dV kernel keeps K, V, dK and dV tiles of BLOCK_N x D live for its
+# whole loop, so wide heads get 8 warps; fp32 inputs get small tiles. Its dK += dS^T Q and dV += P^T dO have
+# BLOCK_N rows: BLOCK_N >= 64 lets them run as Hopper wgmma (64-row warpgroup MMAs), so the defaults up to D = 128
+# have it; at D = 256 every such tile spills, so its list keeps 32-row tiles. At D = 128, 64 x 64 spills with the
+# masks on; 16 and 32 query rows by 64 or 128 keys do not. fp32 dK/dV at D = 256 has its own list: the shared
+# FP32_D256_TILES' 4-warp tile spills there. fp32 dQ keeps 64-key tiles (16 x 64, 32 x 64): 32 x 32 and 16 x 32 on
+# 4 warps spill at D = 128 (32 x 32 even at D = 64 with softcap). At D = 256, dQ's 32 x 128 spills; 16 x 128 does not.
 _DKDV_TILES = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (32, 32, 4, 1)]
-_DKDV_TILES_D128 = [(16, 64, 8, 2), (16, 128, 8, 2), (64, 32, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)]
+_DKDV_TILES_D128 = [(16, 64, 8, 2), (32, 64, 8, 2), (16, 128, 8, 2), (32, 128, 8, 2), (64, 32, 8, 2), (32, 32, 4, 1)]
 _DKDV_TILES_D256 = [(32, 32, 8, 1), (64, 32, 8, 2), (16, 32, 8, 1), (16, 32, 4, 1)]
 _DKDV_TILES_FP32 = [(16, 32, 4, 2), (32, 16, 4, 2)]
+_DKDV_TILES_FP32_D256 = [(16, 16, 8, 1), (16, 16, 8, 2)]
 _DQ_TILES = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)]
-_DQ_TILES_D256 = [(32, 64, 8, 2), (32, 128, 8, 2), (32, 32, 4, 1)]
-_DQ_TILES_FP32 = [(32, 32, 4, 2), (16, 64, 4, 2), (16, 32, 4, 2)]
+_DQ_TILES_D256 = [(32, 64, 8, 2), (16, 128, 8, 2), (32, 32, 8, 2), (32, 32, 4, 1)]
+_DQ_TILES_FP32 = [(16, 64, 4, 2), (32, 64, 8, 2), (16, 64, 8, 2), (32, 16, 8, 2)]
 
 
 def dkdv_tiles(block_d: int, fp32: bool) -> list[Tile]:
     """dK/dV tile candidates for a head-dim bucket (BLOCK_D) and input kind (fp32 or 16-bit)."""
     if block_d >= 256:
-        return FP32_D256_TILES if fp32 else _DKDV_TILES_D256
+        return _DKDV_TILES_FP32_D256 if fp32 else _DKDV_TILES_D256
     if fp32:
         return _DKDV_TILES_FP32
     return _DKDV_TILES if block_d <= 64 else _DKDV_TILES_D128
@@ -104,17 +109,19 @@ def dq_tiles(block_d: int, fp32: bool) -> list[Tile]:
 @triton.jit
 def _dkdv_tiles(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, cols, offs_m, offs_d, d_ok,
-    q_len, k_len, kpm_row, qk_scale, cap_scale, window_left, window_right, r0, r1, s0, s1,
+    q_len, k_len, kpm_row, qk_scale, cap_scale, window_left, window_right, lo, u, w, hi,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr, SOFTCAP: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    """dK, dV of this key tile from the query tiles of [r0, r1) and [s0, s1) of one query head. MASKED tiles test
-    every (row, key) pair and the sequence end; unmasked ones lie inside it and see every key of the tile."""
-    first, tiles = two_ranges(r0, r1, s0, s1, BLOCK_M)
-    for t in range(0, tiles):
-        m0 = tile_start(t, first, r0, s0, BLOCK_M)
+    """dK, dV of this key tile from the query tiles of [lo, hi) of one query head. The tiles of [u, w) see every key
+    of the key tile and skip the mask arithmetic; the others test every (row, key) pair and the sequence end.
+
+    One loop with a uniform branch per tile, not the forward's two loops (``two_ranges``): this kernel keeps four
+    BLOCK_N x D tiles live for the whole loop (K, V and the fp32 dK, dV accumulators), and a second pipelined loop
+    body cost about 50 more registers per thread at D = 128 on sm_90, enough to make ptxas spill."""
+    for m0 in range(lo, hi, BLOCK_M):
         rows = m0 + offs_m
-        row_ok = rows < q_len  # (load masks only: the score tile of an unmasked stage is not masked)
+        row_ok = rows < q_len  # (load masks only: the score tile of an interior tile is not masked)
         row_mask = row_ok[:, None] & d_ok[None, :]
         q = tl.load(tile_ptrs(q_base, rows, stride_qs, offs_d), mask=row_mask, other=0.0)
         do = tl.load(tile_ptrs(do_base, rows, stride_dos, offs_d), mask=row_mask, other=0.0)
@@ -122,7 +129,7 @@ def _dkdv_tiles(
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
         # P^T for this tile, recomputed from lse: P^T_ji = exp2(S2^T_ji - lse2_i), 0 where invisible.
         s_t, t_t = scores_log2(tl.dot(k, tl.trans(q), input_precision=PRECISION), qk_scale, cap_scale, SOFTCAP)
-        if MASKED:
+        if (m0 < u) | (m0 >= w):
             ok = visible(
                 rows[None, :], cols[:, None], q_len, k_len, kpm_row, window_left, window_right,
                 HAS_LEFT, HAS_RIGHT, HAS_KPM,
@@ -214,12 +221,7 @@ def _attention_dkdv_kernel(
         dk, dv = _dkdv_tiles(
             dk, dv, k, v, q_base, do_base, lse_ptr + stat_base, delta_ptr + stat_base, stride_qs, stride_dos,
             cols, offs_m, offs_d, d_ok, q_len, k_len, kpm_row, qk_scale, cap_scale, window_left, window_right,
-            u, w, w, w, HAS_LEFT, HAS_RIGHT, HAS_KPM, SOFTCAP, PRECISION, BLOCK_M, False,
-        )  # fmt: skip
-        dk, dv = _dkdv_tiles(
-            dk, dv, k, v, q_base, do_base, lse_ptr + stat_base, delta_ptr + stat_base, stride_qs, stride_dos,
-            cols, offs_m, offs_d, d_ok, q_len, k_len, kpm_row, qk_scale, cap_scale, window_left, window_right,
-            lo, u, w, hi, HAS_LEFT, HAS_RIGHT, HAS_KPM, SOFTCAP, PRECISION, BLOCK_M, True,
+            lo, u, w, hi, HAS_LEFT, HAS_RIGHT, HAS_KPM, SOFTCAP, PRECISION, BLOCK_M,
         )  # fmt: skip
 
     dk_base = dk_ptr + head_offset(b, hkv, k_start, stride_dkb, stride_dkh, stride_dks)

@@ -375,12 +375,13 @@ class AttentionLaunch:
 
 
 # Forward tile candidates, the first one the default. Each was compiled for sm_90 with every mask option on and
-# checked with ptxas: no register spills, shared memory within 227 KB. Wide heads and fp32 ("ieee" dots, twice
-# the bytes per element) get small tiles.
+# checked with ptxas: no register spills, shared memory within 227 KB (tests/test_gpu_compile.py). Wide heads and
+# fp32 ("ieee" dots, twice the bytes per element) get small tiles. At D = 256, 64 x 64 tiles (any warps or stages)
+# and 32 x 64 on 4 warps spill with triton 3.9's ptxas, so that list has 128 x 32, 64 x 32 and 32 x 64 on 8 warps.
 _FWD_TILES = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1)]
-_FWD_TILES_D256 = [(128, 32, 8, 2), (64, 64, 8, 3), (64, 32, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)]
+_FWD_TILES_D256 = [(128, 32, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (32, 32, 4, 1)]
 _FWD_TILES_FP32 = [(16, 64, 4, 2), (16, 32, 8, 2), (16, 16, 4, 1)]
-# fp32 at D = 256, for every attention kernel: larger tiles spill heavily (exact fp32 dots run on FMA units).
+# fp32 at D = 256, forward and dQ (dK/dV has its own): larger tiles spill heavily (exact fp32 dots run on FMA units).
 FP32_D256_TILES = [(16, 16, 8, 1), (16, 16, 4, 1)]
 
 

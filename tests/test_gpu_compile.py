@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-import triton
 from _triton_compile import SM90_SHARED_LIMIT, KernelSpec, compile_for_gpu, python_without_interpreter
 
 from fastllm.kernels import attention_bwd, attention_decode, attention_fwd, cross_entropy_fused
@@ -241,33 +240,6 @@ def _unique_specs(entries: list[Entry]) -> list[KernelSpec]:
 
 SPECS = _unique_specs(KERNELS)
 
-# Configs that spill registers with triton 3.9's ptxas (found by this test; the kernels are not this file's to
-# change): the kernels' owners retune or drop them. Strict: an entry that stops spilling fails until removed here.
-# Other Triton versions (the GPU machines run 3.6, another ptxas) are held to no spill at all.
-SPILLS_WITH_TRITON_39 = {
-    "attention_fwd_kernel-every-tile-bf16-d256-every-mask[m64-n64-w8-s3]": "48 B spill stores",
-    "attention_fwd_kernel-every-tile-bf16-d256-every-mask[m32-n64-w4-s2]": "140 B spill stores",
-    "attention_dq_kernel-every-tile-bf16-d256-every-mask[m32-n128-w8-s2]": "4 B spill stores",
-    # Found after the interior/masked tile split of the attention kernels (fp32 and the dK/dV defaults):
-    "attention_dkdv_kernel-bf16-d128-plain[m16-n64-w8-s2]": "60 B spill stores (the d128 bf16 default)",
-    "attention_dkdv_kernel-bf16-d64-softcap[m64-n64-w4-s2]": "52 B spill stores",
-    "attention_dkdv_kernel-fp16-d128-varlen-causal-softcap[m16-n64-w8-s2]": "8 B spill stores",
-    "attention_dq_kernel-fp32-d64-causal-softcap[m32-n32-w4-s2]": "8 B spill stores",
-    "attention_dkdv_kernel-every-tile-fp32-d128-every-mask[m16-n32-w4-s2]": "56 B spill stores",
-    "attention_dkdv_kernel-every-tile-fp32-d128-every-mask[m32-n16-w4-s2]": "88 B spill stores",
-    "attention_dkdv_kernel-every-tile-fp32-d256-every-mask[m16-n16-w4-s1]": "32 B spill stores",
-    "attention_dq_kernel-every-tile-fp32-d128-every-mask[m32-n32-w4-s2]": "2024 B spill stores",
-    "attention_dq_kernel-every-tile-fp32-d128-every-mask[m16-n32-w4-s2]": "660 B spill stores",
-}
-_TRITON_39 = triton.__version__.startswith("3.9")
-
-
-def _param(name: str):
-    if name not in SPILLS_WITH_TRITON_39:
-        return name
-    reason = f"spills with triton 3.9's ptxas: {SPILLS_WITH_TRITON_39[name]}"
-    return pytest.param(name, marks=pytest.mark.xfail(_TRITON_39, reason=reason, strict=True))
-
 
 @pytest.fixture(scope="module")
 def compiled(request):
@@ -280,7 +252,7 @@ def compiled(request):
     return compile_for_gpu([spec for spec in SPECS if spec.name in wanted])
 
 
-@pytest.mark.parametrize("name", [_param(spec.name) for spec in SPECS])
+@pytest.mark.parametrize("name", [spec.name for spec in SPECS])
 def test_kernel_compiles_for_sm90_without_spills(compiled, name):
     result = compiled[name]
     assert result.error is None, f"{name} does not compile for sm_90:\n{result.error}"
