@@ -80,12 +80,16 @@ def _attention_delta_kernel(
 # masks on; 16 and 32 query rows by 64 or 128 keys do not. fp32 dK/dV at D = 256 has its own list: the shared
 # FP32_D256_TILES' 4-warp tile spills there. fp32 dQ keeps 64-key tiles (16 x 64, 32 x 64): 32 x 32 and 16 x 32 on
 # 4 warps spill at D = 128 (32 x 32 even at D = 64 with softcap). At D = 256, dQ's 32 x 128 spills; 16 x 128 does not.
+# 16-bit dQ at D = 128 has its own list: 64 x 64 on 4 warps (the D <= 64 default) sits at 255 registers and spills
+# with masks under triton 3.6's ptxas (the GPU machine's); 128 x 64 on 8 warps is clean under 3.6 and 3.9 (190-230
+# registers, 96 KiB shared), and so is every tile of the list.
 _DKDV_TILES = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (32, 32, 4, 1)]
 _DKDV_TILES_D128 = [(16, 64, 8, 2), (32, 64, 8, 2), (16, 128, 8, 2), (32, 128, 8, 2), (64, 32, 8, 2), (32, 32, 4, 1)]
 _DKDV_TILES_D256 = [(32, 32, 8, 1), (64, 32, 8, 2), (16, 32, 8, 1), (16, 32, 4, 1)]
 _DKDV_TILES_FP32 = [(16, 32, 4, 2), (32, 16, 4, 2)]
 _DKDV_TILES_FP32_D256 = [(16, 16, 8, 1), (16, 16, 8, 2)]
 _DQ_TILES = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)]
+_DQ_TILES_D128 = [(128, 64, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)]
 _DQ_TILES_D256 = [(32, 64, 8, 2), (16, 128, 8, 2), (32, 32, 8, 2), (32, 32, 4, 1)]
 _DQ_TILES_FP32 = [(16, 64, 4, 2), (32, 64, 8, 2), (16, 64, 8, 2), (32, 16, 8, 2)]
 
@@ -103,7 +107,9 @@ def dq_tiles(block_d: int, fp32: bool) -> list[Tile]:
     """dQ tile candidates for a head-dim bucket (BLOCK_D) and input kind (fp32 or 16-bit)."""
     if block_d >= 256:
         return FP32_D256_TILES if fp32 else _DQ_TILES_D256
-    return _DQ_TILES_FP32 if fp32 else _DQ_TILES
+    if fp32:
+        return _DQ_TILES_FP32
+    return _DQ_TILES if block_d <= 64 else _DQ_TILES_D128
 
 
 @triton.jit
