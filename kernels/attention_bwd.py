@@ -18,7 +18,6 @@ import triton.language as tl
 
 from ._config import INTERPRET
 from .attention_fwd import (
-    FP32_D256_TILES,
     LOG2E,
     AttentionLaunch,
     Tile,
@@ -72,32 +71,30 @@ def _attention_delta_kernel(
 
 
 # dK/dV and dQ tile candidates (BLOCK_M, BLOCK_N, num_warps, num_stages), the first one the default; checked on
-# sm_90 with ptxas like the forward's (no spills with every mask option on; each default also over the launch
-# variants of tests/test_gpu_compile.py). The dK/dV kernel keeps K, V, dK and dV tiles of BLOCK_N x D live for its
-# whole loop, so wide heads get 8 warps; fp32 inputs get small tiles. Its dK += dS^T Q and dV += P^T dO have
-# BLOCK_N rows: BLOCK_N >= 64 lets them run as Hopper wgmma (64-row warpgroup MMAs), so the defaults up to D = 128
-# have it; at D = 256 every such tile spills, so its list keeps 32-row tiles. At D = 128, 64 x 64 spills with the
-# masks on; 16 and 32 query rows by 64 or 128 keys do not. fp32 dK/dV at D = 256 has its own list: the shared
-# FP32_D256_TILES' 4-warp tile spills there. fp32 dQ keeps 64-key tiles (16 x 64, 32 x 64): 32 x 32 and 16 x 32 on
-# 4 warps spill at D = 128 (32 x 32 even at D = 64 with softcap). At D = 256, dQ's 32 x 128 spills; 16 x 128 does not.
-# 16-bit dQ at D = 128 has its own list: 64 x 64 on 4 warps (the D <= 64 default) sits at 255 registers and spills
-# with masks under triton 3.6's ptxas (the GPU machine's); 128 x 64 on 8 warps is clean under 3.6 and 3.9 (190-230
-# registers, 96 KiB shared), and so is every tile of the list.
-_DKDV_TILES = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (32, 32, 4, 1)]
-_DKDV_TILES_D128 = [(16, 64, 8, 2), (32, 64, 8, 2), (16, 128, 8, 2), (32, 128, 8, 2), (64, 32, 8, 2), (32, 32, 4, 1)]
+# sm_90 with ptxas like the forward's (no spills with every mask option on, each default also over the launch
+# variants of tests/test_gpu_compile.py; spill-free with triton 3.9's and 3.6's ptxas). The dK/dV kernel keeps K, V,
+# dK and dV tiles of BLOCK_N x D live for its whole loop, so wide heads get 8 warps; fp32 inputs get small tiles. Its
+# dK += dS^T Q and dV += P^T dO have BLOCK_N rows: BLOCK_N >= 64 lets them run as Hopper wgmma (64-row warpgroup
+# MMAs), so the defaults up to D = 128 have it; at D = 256 every such tile spills, so its list keeps 32-row tiles.
+# At D = 128, dK/dV tiles of 64 x 64 and of 128 keys spill (with the masks on, or with 3.6's ptxas), 16 or 32 query
+# rows by 64 keys do not; dQ gets 8 warps there, its 64 x 64 tile on 4 warps spills with triton 3.6. fp32 takes
+# 64-key or 16-row dQ tiles: 32 x 32 and 16 x 32 on 4 warps spill at D = 128 (32 x 32 even at D = 64 with softcap).
+_DKDV_TILES = [(64, 64, 4, 2), (32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2)]
+_DKDV_TILES_D128 = [(16, 64, 8, 2), (32, 64, 8, 2), (16, 64, 8, 1), (64, 32, 8, 2), (128, 32, 8, 2), (32, 32, 4, 1)]
 _DKDV_TILES_D256 = [(32, 32, 8, 1), (64, 32, 8, 2), (16, 32, 8, 1), (16, 32, 4, 1)]
 _DKDV_TILES_FP32 = [(16, 32, 4, 2), (32, 16, 4, 2)]
-_DKDV_TILES_FP32_D256 = [(16, 16, 8, 1), (16, 16, 8, 2)]
 _DQ_TILES = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)]
-_DQ_TILES_D128 = [(128, 64, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)]
+_DQ_TILES_D128 = [(128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 128, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)]
 _DQ_TILES_D256 = [(32, 64, 8, 2), (16, 128, 8, 2), (32, 32, 8, 2), (32, 32, 4, 1)]
-_DQ_TILES_FP32 = [(16, 64, 4, 2), (32, 64, 8, 2), (16, 64, 8, 2), (32, 16, 8, 2)]
+_DQ_TILES_FP32 = [(16, 64, 8, 1), (16, 64, 4, 2), (32, 16, 8, 2), (16, 16, 8, 2)]
+# fp32 at D = 256, dK/dV and dQ: larger tiles, and 4 warps, spill (exact fp32 dots run on FMA units).
+_FP32_D256_TILES = [(16, 16, 8, 1), (16, 16, 8, 2)]
 
 
 def dkdv_tiles(block_d: int, fp32: bool) -> list[Tile]:
     """dK/dV tile candidates for a head-dim bucket (BLOCK_D) and input kind (fp32 or 16-bit)."""
     if block_d >= 256:
-        return _DKDV_TILES_FP32_D256 if fp32 else _DKDV_TILES_D256
+        return _FP32_D256_TILES if fp32 else _DKDV_TILES_D256
     if fp32:
         return _DKDV_TILES_FP32
     return _DKDV_TILES if block_d <= 64 else _DKDV_TILES_D128
@@ -106,7 +103,7 @@ def dkdv_tiles(block_d: int, fp32: bool) -> list[Tile]:
 def dq_tiles(block_d: int, fp32: bool) -> list[Tile]:
     """dQ tile candidates for a head-dim bucket (BLOCK_D) and input kind (fp32 or 16-bit)."""
     if block_d >= 256:
-        return FP32_D256_TILES if fp32 else _DQ_TILES_D256
+        return _FP32_D256_TILES if fp32 else _DQ_TILES_D256
     if fp32:
         return _DQ_TILES_FP32
     return _DQ_TILES if block_d <= 64 else _DQ_TILES_D128

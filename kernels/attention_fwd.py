@@ -375,20 +375,21 @@ class AttentionLaunch:
 
 
 # Forward tile candidates, the first one the default. Each was compiled for sm_90 with every mask option on and
-# checked with ptxas: no register spills, shared memory within 227 KB (tests/test_gpu_compile.py). Wide heads and
-# fp32 ("ieee" dots, twice the bytes per element) get small tiles. At D = 256, 64 x 64 tiles (any warps or stages)
-# and 32 x 64 on 4 warps spill with triton 3.9's ptxas, so that list has 128 x 32, 64 x 32 and 32 x 64 on 8 warps.
-_FWD_TILES = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1)]
+# checked with ptxas: no register spills, shared memory within 227 KB (tests/test_gpu_compile.py, triton 3.9; the
+# lists were also checked spill-free with triton 3.6's ptxas). Wide heads and fp32 ("ieee" dots, twice the bytes per
+# element) get small tiles. At D = 256, 64 x 64 tiles (any warps or stages) and 32 x 64 on 4 warps spill, so that
+# list has 128 x 32, 64 x 32 and 32 x 64 on 8 warps. fp32 at D = 256 has one tile: each other 16/32-row tile tried
+# (2 to 8 warps, 1 or 2 stages) spills with one of the two ptxas versions (exact fp32 dots run on FMA units).
+_FWD_TILES = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2), (32, 64, 4, 2)]
 _FWD_TILES_D256 = [(128, 32, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (32, 32, 4, 1)]
-_FWD_TILES_FP32 = [(16, 64, 4, 2), (16, 32, 8, 2), (16, 16, 4, 1)]
-# fp32 at D = 256, forward and dQ (dK/dV has its own): larger tiles spill heavily (exact fp32 dots run on FMA units).
-FP32_D256_TILES = [(16, 16, 8, 1), (16, 16, 4, 1)]
+_FWD_TILES_FP32 = [(16, 64, 4, 2), (16, 32, 8, 1), (32, 16, 8, 2), (16, 16, 8, 1)]
+_FWD_TILES_FP32_D256 = [(16, 16, 4, 1)]
 
 
 def forward_tiles(block_d: int, fp32: bool) -> list[Tile]:
     """Forward tile candidates for a head-dim bucket (BLOCK_D) and input kind (fp32 or 16-bit)."""
     if block_d >= 256:
-        return FP32_D256_TILES if fp32 else _FWD_TILES_D256
+        return _FWD_TILES_FP32_D256 if fp32 else _FWD_TILES_D256
     return _FWD_TILES_FP32 if fp32 else _FWD_TILES
 
 
