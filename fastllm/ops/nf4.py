@@ -71,7 +71,7 @@ def _weight(tensors: tuple, blocksize: int, n: int, k: int, dtype: torch.dtype) 
 
 
 # The CPU large-M path dequantizes W one band at a time (about 2 MiB in the compute dtype, measured
-# fastest on this 2-core EPYC: the band stays in cache for its matmul), so the dense weight never
+# fastest on the 2-core EPYC of 0.1: the band stays in cache for its matmul), so the dense weight never
 # exists whole and every output element still comes from a single matmul over the full reduction.
 _CPU_BAND_BYTES = 2 << 20
 
