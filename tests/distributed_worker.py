@@ -20,8 +20,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel
@@ -199,6 +201,39 @@ def mode_save(result: dict, directory: Path) -> None:
         result[f"{mode}_adapter_fresh_differed"] = any(not torch.equal(before[k], trained[k]) for k in trained)
     uneven_nf4_layers(result)
     broadcast_odd_offsets(result)
+    distributed_checkpoint_round_trip(result, directory / "dcp")
+
+
+def distributed_checkpoint_round_trip(result: dict, path: Path) -> None:
+    """torch.distributed.checkpoint (what accelerate's FSDP2 save_state / load_state run) saves an FSDP2 model's
+    sharded state dict, LinearNF4's bitsandbytes-format keys included, and loads it into a model whose NF4 bytes
+    and adapters differ: the outputs then agree exactly."""
+    batch = local_batch(0)
+
+    def build_changed(seed: int) -> nn.Module:
+        model, _ = build("fsdp2", seed=seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:  # adapters that change the output (B starts at 0)
+                    p.add_(torch.randn_like(p) * 0.05)
+        return model.eval()
+
+    source = build_changed(seed=5)
+    dcp.save(get_model_state_dict(source), checkpoint_id=str(path))
+    target = build_changed(seed=6)
+    with torch.no_grad():
+        for layer in target.modules():  # other NF4 bytes, same quantization format
+            if isinstance(layer, LinearNF4):
+                local = layer.weight.to_local() if isinstance(layer.weight, DTensor) else layer.weight
+                local.copy_(torch.randint_like(local, 0, 256))
+        differed = not torch.equal(source(**batch).logits, target(**batch).logits)
+        state = get_model_state_dict(target)
+        dcp.load(state, checkpoint_id=str(path))
+        set_model_state_dict(target, state)
+        equal = torch.equal(source(**batch).logits, target(**batch).logits)
+    flags = torch.tensor([differed, equal], dtype=torch.int32)
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    result["dcp_target_differed"], result["dcp_round_trip_equal"] = bool(flags[0]), bool(flags[1])
 
 
 def broadcast_odd_offsets(result: dict) -> None:

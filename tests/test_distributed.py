@@ -101,3 +101,10 @@ def test_unevenly_sharded_nf4_layers_save_and_load(resumed):
 
 def test_checkpoint_broadcast_keeps_every_dtype_at_odd_byte_offsets(resumed):
     assert resumed[0]["broadcast_odd_offsets_equal"]
+
+
+def test_torch_distributed_checkpoint_saves_and_loads_nf4_layers(resumed):
+    """accelerate's FSDP2 save_state / load_state path (torch.distributed.checkpoint) maps LinearNF4's
+    bitsandbytes-format keys (weight.absmax, weight.quant_state.bitsandbytes__nf4, ...) and round-trips them."""
+    saved, _ = resumed
+    assert saved["dcp_target_differed"] and saved["dcp_round_trip_equal"]

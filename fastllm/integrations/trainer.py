@@ -7,9 +7,8 @@ Trainer writes a checkpoint through ``Trainer.save_model`` and reads it back thr
 cannot pass without PEFT re-wrapping it). Otherwise the whole model is written: in one process and under DDP
 ``Trainer._save`` (``model.save_pretrained``: for a :func:`fastllm.prepare_qlora` model every NF4 weight and the
 16-bit embeddings); under FSDP ``_save_optimizer_and_scheduler`` with accelerate's ``save_fsdp_model``
-(``pytorch_model_fsdp_0/`` or ``pytorch_model_fsdp.bin``), which for a prepare_qlora model under FSDP2 does not even
-get that far: ``torch.distributed.checkpoint``'s ``get_model_state_dict`` cannot map the NF4 layers'
-bitsandbytes-format keys (``weight.absmax``, ...) to parameters and raises. :class:`AdapterCheckpointMixin` overrides
+(``pytorch_model_fsdp_0/`` or ``pytorch_model_fsdp.bin``, through ``torch.distributed.checkpoint``, which maps the
+NF4 layers' bitsandbytes-format keys through ``LinearNF4._fqn_modifiers``). :class:`AdapterCheckpointMixin` overrides
 those methods to take Trainer's PEFT path with fastllm's adapter files:
 
 - ``_save`` writes ``adapter_model.safetensors`` and ``adapter_config.json`` with :func:`fastllm.save_adapter`

@@ -19,6 +19,7 @@ on every rank).
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -30,6 +31,25 @@ from fastllm.nn.nf4_state import QuantStateRecord, checked_bias, checked_weight
 
 # Quantization statistics: they keep their dtype through Module.to(dtype) / .half() / .bfloat16().
 _STAT_NAMES = ("absmax", "nested_absmax", "offset")
+
+
+def _key_paths(keys: list[str]) -> SimpleNamespace:
+    """Dotted keys as a tree of attributes: "a.b" -> namespace whose ``a`` has an attribute ``b``."""
+    root = SimpleNamespace()
+    for key in keys:
+        node = root
+        for part in key.split("."):
+            if not hasattr(node, part):
+                setattr(node, part, SimpleNamespace())
+            node = getattr(node, part)
+    return root
+
+
+# The bitsandbytes-format keys under "weight" (see _save_to_state_dict), as attribute paths for
+# torch.distributed.checkpoint (LinearNF4._fqn_modifiers).
+_BNB_KEY_PATHS = _key_paths(
+    [f"weight.{name}" for name in ("absmax", "quant_map", "nested_absmax", "nested_quant_map", BNB_QUANT_STATE_KEY)]
+)
 
 
 def compute_dtype_for(x: torch.Tensor, compute_dtype: torch.dtype | None) -> tuple[torch.dtype, bool]:
@@ -157,6 +177,15 @@ class LinearNF4(nn.Module):
         )
 
     # -- bitsandbytes-compatible state dict -------------------------------------------------------
+
+    def _fqn_modifiers(self) -> dict[str, str]:
+        # torch.distributed.checkpoint (get_model_state_dict, accelerate's FSDP2 save_state) walks every state-dict
+        # key as an attribute path from the model; "weight.absmax", "weight.quant_state.bitsandbytes__nf4", ... are
+        # bitsandbytes' key names, not attributes of the packed weight. Its walk of "weight" goes through the
+        # attribute named here instead, which has them.
+        return {"weight": "_bnb_key_paths"}
+
+    _bnb_key_paths = _BNB_KEY_PATHS
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         # nf4_weight() with the packed bytes flattened by _dtensor.flatten: under FSDP2 uneven row shards
