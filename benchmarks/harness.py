@@ -116,11 +116,25 @@ class Timing:
     timer: str
 
 
-def _cpu_budget(settings: Settings) -> tuple[int, int, int, float]:
-    """(warm-up calls, min reps, max reps, time budget in s) of a CPU timing."""
-    if settings.tiny:
-        return 1, 3, 5, 0.2
-    return 2, 5, 50, 1.0 if settings.quick else 3.0
+def _cpu_rounds(fns: Sequence[Callable[[], object]], settings: Settings) -> list[list[float]]:
+    """Seconds of warm calls of each of ``fns`` on the CPU, timed in rounds: one call of each per round, the order
+    rotated from round to round, until every call has ``min_reps`` times and the time budget (per call) is spent."""
+    warmup, min_reps, max_reps, budget_s = (1, 3, 5, 0.2) if settings.tiny else (2, 5, 50, 1.0)
+    if not settings.quick:
+        budget_s = 3.0
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    start, rounds = time.perf_counter(), 0
+    while rounds < max_reps and (rounds < min_reps or time.perf_counter() - start < budget_s * len(fns)):
+        for i in range(len(fns)):
+            j = (i + rounds) % len(fns)
+            t0 = time.perf_counter()
+            fns[j]()
+            times[j].append(time.perf_counter() - t0)
+        rounds += 1
+    return times
 
 
 def _cpu_timing(times: list[float], timer: str) -> Timing:
@@ -140,43 +154,20 @@ def time_ms(fn: Callable[[], object], settings: Settings) -> Timing:
         rep = 100 if settings.quick else 300
         median, fastest = do_bench(fn, warmup=25, rep=rep, quantiles=[0.5, 0.0])
         return Timing(float(median), float(fastest), None, "triton.testing.do_bench")
-    warmup, min_reps, max_reps, budget_s = _cpu_budget(settings)
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+    (times,) = _cpu_rounds([fn], settings)
     return _cpu_timing(times, "median of warm runs (time.perf_counter)")
 
 
 def time_interleaved(fns: Sequence[Callable[[], object]], settings: Settings) -> list[Timing]:
     """Time calls that are compared with each other, one Timing per call.
 
-    CPU: in rounds, one warm call of each per round, the order rotated from round to round, until every call has
-    ``min_reps`` times and the budget (``time_ms``'s, per call) is spent. A change of machine load during the run
-    then falls on every call alike, so their ratios hold on a shared machine where back-to-back timings drift.
-    GPU: each call on its own (``time_ms``).
+    CPU: in rounds (``_cpu_rounds``), so that a change of machine load during the run falls on every call alike and
+    their ratios hold on a shared machine where back-to-back timings drift. GPU: each call on its own (``time_ms``).
     """
     if settings.cuda or len(fns) == 1:
         return [time_ms(fn, settings) for fn in fns]
-    warmup, min_reps, max_reps, budget_s = _cpu_budget(settings)
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    times: list[list[float]] = [[] for _ in fns]
-    start, rounds = time.perf_counter(), 0
-    while rounds < max_reps and (rounds < min_reps or time.perf_counter() - start < budget_s * len(fns)):
-        for i in range(len(fns)):
-            j = (i + rounds) % len(fns)
-            t0 = time.perf_counter()
-            fns[j]()
-            times[j].append(time.perf_counter() - t0)
-        rounds += 1
     timer = f"median of warm runs, interleaved round by round with {len(fns) - 1} other call(s) (time.perf_counter)"
-    return [_cpu_timing(t, timer) for t in times]
+    return [_cpu_timing(times, timer) for times in _cpu_rounds(fns, settings)]
 
 
 def nf4_nbytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> int:

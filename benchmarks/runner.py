@@ -62,9 +62,9 @@ def _row(suite, case, shape, dtype, provider, status, reason, metric, **numbers)
     return row
 
 
-def _comparison(case: Case) -> tuple:
-    """Rows with the same key are compared with each other (``add_ratios``)."""
-    return case.suite, case.case, tuple(sorted(case.shape.items())), case.dtype
+def _comparison(suite: str, case: str, shape: dict[str, int], dtype: str) -> tuple:
+    """Cases (and their rows) with the same key are compared with each other (``add_ratios``)."""
+    return suite, case, tuple(sorted(shape.items())), dtype
 
 
 def _groups(cases: list[Case], settings: Settings) -> list[list[Case]]:
@@ -75,7 +75,7 @@ def _groups(cases: list[Case], settings: Settings) -> list[list[Case]]:
         return [[case] for case in cases]
     groups: dict[tuple, list[Case]] = {}
     for case in cases:
-        groups.setdefault(_comparison(case), []).append(case)
+        groups.setdefault(_comparison(case.suite, case.case, case.shape, case.dtype), []).append(case)
     return list(groups.values())
 
 
@@ -113,38 +113,41 @@ def _prepare(case: Case, settings: Settings) -> tuple[object, dict]:
 
 def measure(group: list[Case], settings: Settings, copy_gbps: float | None) -> list[dict]:
     """Set up and time a group of cases (one case, or the interleaved providers of one comparison): a row each."""
-    rows: list[dict | None] = [None] * len(group)
-    timed: list[tuple[int, Callable[[], object], dict]] = []  # (index, call, extra) of the cases to time
     try:
-        for index, case in enumerate(group):
-            try:
-                fn, extra = _prepare(case, settings)
-            except Exception as exc:
-                rows[index] = _failed_row(case, exc)
-                continue
-            if isinstance(fn, Timing):  # a case that must time itself (e.g. one load per fresh process)
-                rows[index] = _ok_row(case, fn, extra, copy_gbps)
-            else:
-                timed.append((index, fn, extra))
-        timings: list[Timing] | None = None
-        try:
-            timings = time_interleaved([fn for _, fn, _ in timed], settings)
-        except Exception as exc:
-            if len(timed) == 1:
-                rows[timed[0][0]] = _failed_row(group[timed[0][0]], exc)
-                timed = []
-            # else: one of the interleaved calls failed; time each alone below, so the failing row says why
-        for position, (index, fn, extra) in enumerate(timed):
-            try:
-                timing = timings[position] if timings else time_ms(fn, settings)
-                rows[index] = _ok_row(group[index], timing, extra, copy_gbps)
-            except Exception as exc:
-                rows[index] = _failed_row(group[index], exc)
-    finally:
-        timed = []
+        return _set_up_and_time(group, settings, copy_gbps)
+    finally:  # the group's calls and inputs are gone with that function's frame: free their memory
         gc.collect()
         if settings.cuda:
             torch.cuda.empty_cache()
+
+
+def _set_up_and_time(group: list[Case], settings: Settings, copy_gbps: float | None) -> list[dict]:
+    rows: list[dict | None] = [None] * len(group)
+    timed: list[tuple[int, Callable[[], object], dict]] = []  # (index, call, extra) of the cases to time
+    for index, case in enumerate(group):
+        try:
+            fn, extra = _prepare(case, settings)
+        except Exception as exc:
+            rows[index] = _failed_row(case, exc)
+            continue
+        if isinstance(fn, Timing):  # a case that must time itself (e.g. one load per fresh process)
+            rows[index] = _ok_row(case, fn, extra, copy_gbps)
+        else:
+            timed.append((index, fn, extra))
+    timings: list[Timing] | None = None
+    try:
+        timings = time_interleaved([fn for _, fn, _ in timed], settings)
+    except Exception as exc:
+        if len(timed) == 1:
+            rows[timed[0][0]] = _failed_row(group[timed[0][0]], exc)
+            timed = []
+        # else: one of the interleaved calls failed; time each alone below, so the failing row says why
+    for position, (index, fn, extra) in enumerate(timed):
+        try:
+            timing = timings[position] if timings else time_ms(fn, settings)
+            rows[index] = _ok_row(group[index], timing, extra, copy_gbps)
+        except Exception as exc:
+            rows[index] = _failed_row(group[index], exc)
     return rows
 
 
@@ -172,7 +175,7 @@ def add_ratios(records: list[dict]) -> None:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         if r["status"] == "ok":
-            groups[(r["suite"], r["case"], tuple(sorted(r["shape"].items())), r["dtype"])].append(r)
+            groups[_comparison(r["suite"], r["case"], r["shape"], r["dtype"])].append(r)
     for rows in groups.values():
         for r in rows:
             r["ratios"] = {o["provider"]: o["median_ms"] / r["median_ms"] for o in rows if o is not r}
@@ -193,20 +196,20 @@ def run(suites: Sequence[str], settings: Settings) -> tuple[list[dict], dict]:
     facts["copy_bandwidth_GBps"] = environment.copy_bandwidth_gbps(settings.device, 64 if settings.tiny else 1024)
     cases, records = collect(suites, settings)
     bar = tqdm(total=len(cases), desc="benchmarks", unit="case", file=sys.stderr, dynamic_ncols=True)
-    done: list[Case] = []
+    done: set[int] = set()  # ids of the cases measured
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         for group in _groups(cases, settings):
             providers = "+".join(case.provider for case in group)
             bar.set_postfix_str(f"{group[0].suite}/{group[0].case}/{providers}", refresh=True)
             records.extend(measure(group, settings, facts["copy_bandwidth_GBps"]))
-            done.extend(group)
+            done.update(id(case) for case in group)
             bar.update(len(group))
     except (Interrupted, KeyboardInterrupt) as exc:
         # Keep what was measured (the GPU script runs under `timeout`); the rest says why it has no number.
         reason = f"not run: interrupted ({exc or 'Ctrl-C'}) before this case"
         facts["interrupted"] = True
-        for case in [case for case in cases if not any(case is d for d in done)]:
+        for case in [case for case in cases if id(case) not in done]:
             records.append(
                 _row(case.suite, case.case, case.shape, case.dtype, case.provider, "skipped", reason, case.metric)
             )

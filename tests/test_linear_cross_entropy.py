@@ -128,7 +128,7 @@ def test_16bit_dense_head_on_cpu(monkeypatch, dtype, multiply):
     bands = []
     banded = ops._banded_logits
     monkeypatch.setattr(
-        ops, "_banded_logits", lambda h, w, *a: bands.append(len(ops._head_bands(w))) or banded(h, w, *a)
+        ops, "_banded_logits", lambda h, w, b, dt: bands.append(len(ops._head_bands(w, dt))) or banded(h, w, b, dt)
     )
     check(torch.device("cpu"), dtype, 2e-2, bias=True, softcap=3.0, label_smoothing=0.1)
     assert bands == ([5] * 3 if multiply == "fp32-in-bands" else [])  # 3 chunks of the 37 tokens, 5 bands of 333

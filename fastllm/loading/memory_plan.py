@@ -117,9 +117,9 @@ def memory_plan(
     per_block = tokens * (9 * h + 2 * kv + 4 * m) * 2
     activations = layers * tokens * h * 2 + per_block if checkpointing else layers * per_block
     if fused_loss:
-        rows = min(tokens, chunk_rows(tokens, h, vocab))
-        loss = PlanRow("loss: one chunk of logits (bf16) + grad of the hidden states", 2 * (rows * vocab + tokens * h),
-                       f"{rows} x {vocab} + {tokens} x {h} (use_fused_loss)")  # fmt: skip
+        chunk = min(tokens, chunk_rows(tokens, h, vocab))
+        loss = PlanRow("loss: one chunk of logits (bf16) + grad of the hidden states", 2 * (chunk * vocab + tokens * h),
+                       f"{chunk} x {vocab} + {tokens} x {h} (use_fused_loss)")  # fmt: skip
     else:
         loss = PlanRow("logits + their gradient (fp32)", 2 * tokens * vocab * 4, f"{tokens} x {vocab} x 2")
     rows = [

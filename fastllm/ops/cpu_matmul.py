@@ -1,4 +1,4 @@
-"""The dtype the CPU implementations run 16-bit matmuls in.
+"""How the CPU implementations multiply: the dtype of 16-bit matmuls, and the cache-sized bands of a big operand.
 
 PyTorch multiplies bf16 / fp16 CPU tensors in their own dtype. On a CPU without native 16-bit multiply
 instructions that is slow: bf16 GEMMs are emulated through oneDNN (measured 3.7-7x slower than fp32 at M = 512 and
@@ -25,3 +25,11 @@ def matmul_dtype(dtype: torch.dtype) -> torch.dtype:
         torch.float16: lambda: cpu._is_amx_fp16_supported(),
     }.get(dtype)
     return torch.float32 if native is not None and not native() else dtype
+
+
+def bands(total: int, other: int, dtype: torch.dtype, budget_bytes: int, multiple: int = 1) -> list[slice]:
+    """Slices of range(total) whose rows of ``other`` elements in ``dtype`` hold about ``budget_bytes`` each: a band
+    length rounded down to a multiple of ``multiple`` (at least one multiple), the last band partial."""
+    step = budget_bytes // (other * torch.finfo(dtype).bits // 8)
+    step = max(multiple, step - step % multiple)
+    return [slice(i, min(total, i + step)) for i in range(0, total, step)]

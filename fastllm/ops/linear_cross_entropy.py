@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from fastllm.ops.cpu_matmul import matmul_dtype
+from fastllm.ops.cpu_matmul import bands, matmul_dtype
 
 # A chunk's logits hold at least this many elements (and about as many as the hidden states (T, H) when larger):
 # 64 MiB of fp32. Measured on the 2-core CPU (T=1024, V=32000, H=1024 fp32, fwd+bwd): 2^22 elements (128-row chunks)
@@ -124,21 +124,22 @@ _CPU_HEAD_BAND_BYTES = 8 << 20
 
 def _head_upcast(hidden: torch.Tensor, absmax: torch.Tensor | None) -> torch.dtype | None:
     """The dtype a dense head multiplies in when not hidden's own (CPU without native 16-bit matmuls), else None."""
-    if absmax is not None or hidden.device.type != "cpu" or matmul_dtype(hidden.dtype) == hidden.dtype:
+    if absmax is not None or hidden.device.type != "cpu":
         return None
-    return matmul_dtype(hidden.dtype)
+    compute = matmul_dtype(hidden.dtype)
+    return None if compute == hidden.dtype else compute
 
 
-def _head_bands(weight: torch.Tensor) -> list[slice]:
-    step = max(1, _CPU_HEAD_BAND_BYTES // (weight.shape[1] * 4))
-    return [slice(i, min(weight.shape[0], i + step)) for i in range(0, weight.shape[0], step)]
+def _head_bands(weight: torch.Tensor, dtype: torch.dtype) -> list[slice]:
+    """Bands of the head's vocabulary rows, each about _CPU_HEAD_BAND_BYTES once upcast to ``dtype``."""
+    return bands(weight.shape[0], weight.shape[1], dtype, _CPU_HEAD_BAND_BYTES)
 
 
 def _banded_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
     """h (R, H) @ W^T (+ b) -> (R, V) in dtype, W upcast a band of rows at a time."""
     hc = h.to(dtype)
     logits = torch.empty((h.shape[0], weight.shape[0]), dtype=dtype, device=h.device)
-    for band in _head_bands(weight):
+    for band in _head_bands(weight, dtype):
         logits[:, band] = hc @ weight[band].to(dtype).T
     return logits if bias is None else logits.add_(bias)
 
@@ -146,7 +147,7 @@ def _banded_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 def _banded_grad_hidden(d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """d (R, V) @ W -> (R, H) in d's dtype, W upcast a band of rows at a time."""
     out = torch.zeros((d.shape[0], weight.shape[1]), dtype=d.dtype, device=d.device)
-    for band in _head_bands(weight):
+    for band in _head_bands(weight, d.dtype):
         out.addmm_(d[:, band], weight[band].to(d.dtype))
     return out
 

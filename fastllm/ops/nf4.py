@@ -20,7 +20,7 @@ import torch
 from fastllm import _backend
 from fastllm.codebook import NESTED_BLOCKSIZE
 from fastllm.nf4 import NF4Weight
-from fastllm.ops.cpu_matmul import matmul_dtype
+from fastllm.ops.cpu_matmul import bands, matmul_dtype
 from fastllm.ops.gemm_choice import CPU_GEMM, m_bucket
 
 # Decode-sized batches: M <= SMALL_M rows take a GEMV (W read once for all rows) on every device.
@@ -88,14 +88,6 @@ def _dense_band(w: NF4Weight, scales: torch.Tensor, rows: slice, cols: slice, dt
     return dense.view(packed.shape[0], packed.shape[1] * 2)
 
 
-def _bands(total: int, other: int, multiple: int, dtype: torch.dtype) -> list[slice]:
-    # Slices of range(total), each about _CPU_BAND_BYTES / (other * itemsize) long, rounded down to
-    # a multiple of `multiple` (at least one multiple).
-    step = _CPU_BAND_BYTES // (other * torch.finfo(dtype).bits // 8)
-    step = max(multiple, step - step % multiple)
-    return [slice(i, min(total, i + step)) for i in range(0, total, step)]
-
-
 def _whole(w: NF4Weight, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # The whole W (N, K) in dtype by the C++ op (its output lands on huge pages when large).
     n, k = w.shape
@@ -125,7 +117,7 @@ def cpu_forward(x2d: torch.Tensor, tensors: tuple, bias: torch.Tensor | None, bl
 
     def banded():
         y = x2d.new_empty((m, n))
-        for rows in _bands(n, k, 1, compute):
+        for rows in bands(n, k, compute, _CPU_BAND_BYTES):
             y[:, rows] = xc @ _dense_band(w, scales, rows, slice(0, k), compute).T
         return y
 
@@ -152,7 +144,7 @@ def cpu_backward(g2d: torch.Tensor, tensors: tuple, blocksize: int, k: int) -> t
 
     def banded():
         grad_x = g2d.new_empty((m, k))
-        for cols in _bands(k, n, blocksize, compute):
+        for cols in bands(k, n, compute, _CPU_BAND_BYTES, multiple=blocksize):
             grad_x[:, cols] = gc @ _dense_band(w, scales, slice(0, n), cols, compute)
         return grad_x
 
