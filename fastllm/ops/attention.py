@@ -121,8 +121,8 @@ def _sdpa_forward(q, k, v, kpm, scale, left, right):
 
 
 def _sdpa_backward(do, q, k, v, out, lse, kpm, scale, left, right):
-    # 16-bit in fp32 where the CPU lacks native 16-bit matmuls: PyTorch's bf16 backward is 1.4-3.5x, its fp16 one
-    # 6-40x slower than fp32 there (the forward, whose matmuls are a smaller share, is as fast as in fp32 plus casts)
+    # 16-bit in fp32 where the CPU lacks native 16-bit matmuls, where PyTorch's 16-bit backward is much slower than
+    # its fp32 one (benchmarks/cpu_matmul_dtype.py); the forward, as fast as in fp32 plus casts, keeps the dtype
     compute = matmul_dtype(q.dtype)
     do, q, k, v, out = _unit_stride(*(t.to(compute) for t in (do, q, k, v, out)))
     plan = _plan(q, k.shape[2], kpm, left, right)

@@ -1,11 +1,11 @@
 """How the CPU implementations multiply: the dtype of 16-bit matmuls, and the cache-sized bands of a big operand.
 
 PyTorch multiplies bf16 / fp16 CPU tensors in their own dtype. On a CPU without native 16-bit multiply
-instructions that is slow: bf16 GEMMs are emulated through oneDNN (measured 3.7-7x slower than fp32 at M = 512 and
-2048 on 4096 x 4096 on the AVX-512 Xeon of the CPU machine, which lacks AVX512-BF16), fp16 ones fall back to scalar
-loops. There the CPU paths (NF4 large-M matmuls, the fused attention's backward) compute in fp32 and round their
-outputs back to the inputs' dtype, which is also the more exact result. CPUs with AMX or AVX512-BF16 (bf16) or
-AMX-FP16 (fp16) keep the dtype.
+instructions that is slow: bf16 GEMMs are emulated through oneDNN, fp16 ones fall back to scalar loops. There the
+CPU paths (NF4 large-M matmuls, the fused attention's backward, the fused loss's dense head) compute in fp32 and
+round their outputs back to the inputs' dtype, which is also the more exact result: 2.0-3.1x faster in bf16 on the
+AVX-512 Xeon of the CPU machine, which lacks AVX512-BF16 (``python -m benchmarks.cpu_matmul_dtype``). CPUs
+with AMX or AVX512-BF16 (bf16) or AMX-FP16 (fp16) keep the dtype.
 """
 
 from __future__ import annotations
